@@ -1,0 +1,3 @@
+//! Temporary library entry point so `libvirt/` can be built and tested standalone.
+
+pub mod libvirt;
