@@ -1,0 +1,1 @@
+//! qemu-img / qemu-nbd helpers (placeholder).
