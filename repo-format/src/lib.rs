@@ -1,1 +1,75 @@
-//! placeholder
+//! The Lifeboat repository format and storage.
+//!
+//! A repository is an independent, content-addressed, compressed and (optionally) encrypted
+//! object store holding VM disk backups. Its byte-level format is specified in `FORMAT.md`
+//! next to this crate; this crate is the reference implementation.
+//!
+//! # Main types
+//!
+//! - [`Repository`]: an open repository. [`Repository::init`] creates one, [`Repository::open`]
+//!   unlocks one with a [`Secret`] (passphrase or [`KeyFile`]). It turns chunks into
+//!   [`SealedChunk`]s (pure CPU work: hash, compress, encrypt) and stores and loads chunks,
+//!   [`DiskIndex`]es and snapshot [`Manifest`]s, verifying everything it reads.
+//! - Typed ids: [`ChunkId`], [`IndexId`], [`SnapshotId`], [`KeySlotId`] (32 bytes, hex).
+//! - [`DiskIndex`]: the map from a disk's fixed-size blocks to chunks (`None` = zeros).
+//! - [`Manifest`] with its [`DiskEntry`]s: one snapshot of a VM or image. A snapshot exists
+//!   iff its manifest exists, and the manifest is written last.
+//! - [`backend::Backend`]: the small object-store trait (conditional put, get, exists, list,
+//!   delete) with [`backend::LocalBackend`], [`backend::MemoryBackend`] and the fault-injecting
+//!   [`backend::FaultyBackend`].
+//! - [`Error`] with its [`ErrorKind`].
+//!
+//! Format code (ids, keys, sealing, index and manifest encoding) does no I/O; only
+//! [`backend`] and [`Repository`]'s storage methods do.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use repo_format::backend::MemoryBackend;
+//! use repo_format::{Encryption, InitOptions, KdfParams, Repository, Secret};
+//!
+//! # fn main() -> Result<(), repo_format::Error> {
+//! let backend = Arc::new(MemoryBackend::new());
+//! let secret = Secret::Password("correct horse".into());
+//! let kdf = KdfParams::new(8, 1, 1); // cheap for the example; use KdfParams::default()
+//! let repo = Repository::init(
+//!     backend.clone(),
+//!     InitOptions::new(Encryption::Encrypted { secret: secret.clone(), kdf }),
+//! )?;
+//! let sealed = repo.seal_chunk(b"some disk data")?;
+//! repo.store_chunk(&sealed)?;
+//!
+//! let repo = Repository::open(backend, Some(&secret))?;
+//! assert_eq!(repo.load_chunk(&sealed.id)?, b"some disk data");
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+// Tests may unwrap: a panic there is a test failure with a backtrace.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod backend;
+mod config;
+mod crypto;
+mod error;
+mod id;
+mod index;
+pub mod magic;
+mod manifest;
+mod object;
+mod repository;
+
+pub use config::{validate_chunk_size, Config, EncryptionScheme};
+pub use crypto::{KdfParams, KeyFile, KeySlotKind, Secret};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use id::{ChunkId, IndexId, KeySlotId, SnapshotId};
+pub use index::DiskIndex;
+pub use manifest::{BackupMode, DiskEntry, Manifest, SnapshotKind};
+pub use repository::{
+    Encryption, InitOptions, KeySlotInfo, Repository, SealedChunk, DEFAULT_CHUNK_SIZE,
+    DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,190 @@
+//! The repository `config` object (JSON, written once at init).
+//!
+//! Pure code: no I/O.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::magic;
+
+/// Encryption scheme of a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncryptionScheme {
+    /// XChaCha20-Poly1305 objects, keyed BLAKE3 ids, Argon2id / key-file key slots.
+    #[serde(rename = "xchacha20poly1305-blake3")]
+    XChaCha20Poly1305Blake3,
+    /// No encryption; ids are plain BLAKE3.
+    #[serde(rename = "none")]
+    None,
+}
+
+/// The decoded repository config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// Always `"lifeboat-repo"`.
+    pub format: String,
+    /// Repository format version (1).
+    pub version: u32,
+    /// Random repository id (32 hex digits).
+    pub id: String,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Encryption scheme.
+    pub encryption: EncryptionScheme,
+    /// Compression algorithm (`"zstd"`).
+    pub compression: String,
+    /// zstd level used when writing.
+    pub zstd_level: i32,
+    /// Hex keyed-BLAKE3 MAC of the canonical config without this field (encrypted only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Checks a chunk size: a power of two, a multiple of 64 KiB, at most 16 MiB.
+pub fn validate_chunk_size(chunk_size: u32) -> Result<()> {
+    if !chunk_size.is_power_of_two()
+        || !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&chunk_size)
+    {
+        return Err(Error::invalid(format!(
+            "chunk size {chunk_size} is not a power of two between 64 KiB and 16 MiB"
+        )));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parses the stored config. Returns the config and the canonical bytes the MAC covers.
+    pub(crate) fn parse(bytes: &[u8]) -> Result<(Config, Vec<u8>)> {
+        let not_repo = |why: &str| {
+            Error::new(
+                ErrorKind::NotARepository,
+                format!("not a lifeboat repository: config {why}"),
+            )
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|_| not_repo("is not JSON"))?;
+        let Some(obj) = value.as_object() else {
+            return Err(not_repo("is not a JSON object"));
+        };
+        if obj.get("format").and_then(|f| f.as_str()) != Some(magic::CONFIG_FORMAT) {
+            return Err(not_repo("has a foreign format"));
+        }
+        match obj.get("version").and_then(|v| v.as_u64()) {
+            Some(v) if v == u64::from(magic::CONFIG_VERSION) => {}
+            Some(v) => {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedVersion,
+                    format!("repository format version {v} is not supported (this build reads 1)"),
+                ))
+            }
+            None => return Err(Error::corrupt("config has no valid version")),
+        }
+        if let Some(e) = obj.get("encryption").and_then(|e| e.as_str()) {
+            if e != magic::ENCRYPTION_NONE && e != magic::ENCRYPTION_XCHACHA_BLAKE3 {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedVersion,
+                    format!("repository uses unsupported encryption {e:?}"),
+                ));
+            }
+        }
+        if let Some(c) = obj.get("compression").and_then(|c| c.as_str()) {
+            if c != magic::COMPRESSION_ZSTD {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedVersion,
+                    format!("repository uses unsupported compression {c:?}"),
+                ));
+            }
+        }
+        let config: Config = serde_json::from_value(value.clone())
+            .map_err(|e| Error::with_source(ErrorKind::Corrupt, "config is malformed", e))?;
+        validate_chunk_size(config.chunk_size).map_err(|e| e.wrap("config is corrupt"))?;
+        if config.encryption == EncryptionScheme::XChaCha20Poly1305Blake3 && config.mac.is_none() {
+            return Err(Error::corrupt(
+                "config of an encrypted repository has no mac",
+            ));
+        }
+        let mut value = value;
+        if let Some(obj) = value.as_object_mut() {
+            obj.remove("mac");
+        }
+        Ok((config, canonical_json(&value)))
+    }
+
+    /// The canonical JSON of this config without `mac`.
+    pub(crate) fn canonical_without_mac(&self) -> Result<Vec<u8>> {
+        let mut c = self.clone();
+        c.mac = None;
+        let value = serde_json::to_value(&c).map_err(|e| {
+            Error::with_source(ErrorKind::InvalidArgument, "cannot encode config", e)
+        })?;
+        Ok(canonical_json(&value))
+    }
+}
+
+/// Canonical JSON: compact, object keys sorted by their UTF-8 bytes, recursively; strings and
+/// numbers as serde_json writes them.
+pub(crate) fn canonical_json(v: &serde_json::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(&Value::String(k.clone()), out);
+                out.push(b':');
+                if let Some(val) = map.get(k) {
+                    write_canonical(val, out);
+                }
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_sorts_keys() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"d":[1,"x"],"c":null}}"#).unwrap();
+        assert_eq!(canonical_json(&v), br#"{"a":{"c":null,"d":[1,"x"]},"b":1}"#);
+    }
+
+    #[test]
+    fn foreign_configs() {
+        for bad in [&b"not json"[..], b"[]", br#"{"format":"restic"}"#] {
+            assert_eq!(
+                Config::parse(bad).unwrap_err().kind(),
+                ErrorKind::NotARepository
+            );
+        }
+        let v2 = br#"{"format":"lifeboat-repo","version":2}"#;
+        assert_eq!(
+            Config::parse(v2).unwrap_err().kind(),
+            ErrorKind::UnsupportedVersion
+        );
+    }
+}

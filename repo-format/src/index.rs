@@ -1,0 +1,325 @@
+//! Per-disk index: which chunk holds each `chunk_size` block of a disk.
+//!
+//! Pure code: no I/O. The byte layout is documented in `FORMAT.md` ("Disk index").
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::id::ChunkId;
+use crate::magic;
+
+/// Length of the fixed index header.
+const HEADER_LEN: usize = 4 + 1 + 3 + 4 + 8 + 8;
+
+/// The map of a disk onto chunks.
+///
+/// Entry `i` covers bytes `[i * chunk_size, min((i + 1) * chunk_size, disk_size))`; the last
+/// chunk of a disk whose size is not a multiple of `chunk_size` is short. `None` means the block
+/// is all zeros and no chunk is stored for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskIndex {
+    /// Chunk size in bytes (non-zero).
+    pub chunk_size: u32,
+    /// Virtual size of the disk in bytes.
+    pub disk_size: u64,
+    /// One entry per chunk: `ceil(disk_size / chunk_size)` entries.
+    pub entries: Vec<Option<ChunkId>>,
+}
+
+impl DiskIndex {
+    /// Largest number of entries accepted (2^28: 16 TiB at 64 KiB chunks, 256 TiB at 1 MiB),
+    /// so a forged index cannot make the decoder allocate without bound.
+    pub const MAX_ENTRIES: u64 = 1 << 28;
+
+    /// An index of an all-zero disk (every entry `None`).
+    pub fn new_sparse(chunk_size: u32, disk_size: u64) -> Result<DiskIndex> {
+        let n = Self::entry_count(chunk_size, disk_size)?;
+        if n > Self::MAX_ENTRIES {
+            return Err(Error::invalid(format!(
+                "disk of {disk_size} bytes has too many chunks of {chunk_size} bytes"
+            )));
+        }
+        let n = usize::try_from(n).map_err(|_| Error::invalid("index too large"))?;
+        Ok(DiskIndex {
+            chunk_size,
+            disk_size,
+            entries: vec![None; n],
+        })
+    }
+
+    /// `ceil(disk_size / chunk_size)`; `chunk_size` must be non-zero.
+    pub fn entry_count(chunk_size: u32, disk_size: u64) -> Result<u64> {
+        if chunk_size == 0 {
+            return Err(Error::invalid("chunk size must not be zero"));
+        }
+        Ok(disk_size.div_ceil(u64::from(chunk_size)))
+    }
+
+    /// Checks that the number of entries matches the disk and chunk sizes.
+    pub fn validate(&self) -> Result<()> {
+        let n = Self::entry_count(self.chunk_size, self.disk_size)?;
+        if u64::try_from(self.entries.len()).ok() != Some(n) {
+            return Err(Error::invalid(format!(
+                "index has {} entries, but a disk of {} bytes in chunks of {} needs {n}",
+                self.entries.len(),
+                self.disk_size,
+                self.chunk_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The plaintext encoding (before sealing). Fails if [`DiskIndex::validate`] fails.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        self.validate()?;
+        let mut out = Vec::with_capacity(HEADER_LEN + 16);
+        out.extend_from_slice(&magic::INDEX_MAGIC);
+        out.push(magic::INDEX_VERSION);
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.extend_from_slice(&self.disk_size.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        let mut zeros: u64 = 0;
+        for e in &self.entries {
+            match e {
+                None => zeros += 1,
+                Some(id) => {
+                    if zeros > 0 {
+                        push_zero_run(&mut out, zeros);
+                        zeros = 0;
+                    }
+                    out.push(magic::INDEX_TAG_CHUNK);
+                    out.extend_from_slice(id.as_bytes());
+                }
+            }
+        }
+        if zeros > 0 {
+            push_zero_run(&mut out, zeros);
+        }
+        Ok(out)
+    }
+
+    /// Decodes the plaintext encoding. Rejects truncation, trailing bytes, unknown tags, empty
+    /// or overlong zero runs and counts that do not add up ([`ErrorKind::Corrupt`]), and other
+    /// versions ([`ErrorKind::UnsupportedVersion`]). Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<DiskIndex> {
+        let corrupt = |why: &str| Error::corrupt(format!("disk index is malformed: {why}"));
+        let Some((header, mut rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+            return Err(corrupt("truncated header"));
+        };
+        if header[..4] != magic::INDEX_MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        if header[4] != magic::INDEX_VERSION {
+            return Err(Error::new(
+                ErrorKind::UnsupportedVersion,
+                format!("disk index version {} is not supported", header[4]),
+            ));
+        }
+        if header[5..8] != [0, 0, 0] {
+            return Err(corrupt("non-zero reserved bytes"));
+        }
+        let chunk_size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        let mut b8 = [0u8; 8];
+        b8.copy_from_slice(&header[12..20]);
+        let disk_size = u64::from_le_bytes(b8);
+        b8.copy_from_slice(&header[20..28]);
+        let count = u64::from_le_bytes(b8);
+        if chunk_size == 0 {
+            return Err(corrupt("chunk size is zero"));
+        }
+        if count != disk_size.div_ceil(u64::from(chunk_size)) {
+            return Err(corrupt("entry count does not match disk and chunk sizes"));
+        }
+        if count > Self::MAX_ENTRIES {
+            return Err(corrupt("too many entries"));
+        }
+        let mut entries: Vec<Option<ChunkId>> = Vec::new();
+        let mut total: u64 = 0;
+        while let Some((&tag, after)) = rest.split_first() {
+            match tag {
+                magic::INDEX_TAG_ZERO_RUN => {
+                    let (n, after) = read_leb128(after).ok_or_else(|| corrupt("bad zero run"))?;
+                    if n == 0 {
+                        return Err(corrupt("empty zero run"));
+                    }
+                    total = total
+                        .checked_add(n)
+                        .filter(|t| *t <= count)
+                        .ok_or_else(|| corrupt("more entries than declared"))?;
+                    let n = usize::try_from(n).map_err(|_| corrupt("zero run too long"))?;
+                    entries.resize(entries.len().saturating_add(n), None);
+                    rest = after;
+                }
+                magic::INDEX_TAG_CHUNK => {
+                    let Some((id, after)) = after.split_first_chunk::<32>() else {
+                        return Err(corrupt("truncated chunk id"));
+                    };
+                    total += 1;
+                    if total > count {
+                        return Err(corrupt("more entries than declared"));
+                    }
+                    entries.push(Some(ChunkId::from_bytes(*id)));
+                    rest = after;
+                }
+                other => return Err(corrupt(&format!("unknown record tag {other:#04x}"))),
+            }
+        }
+        if total != count {
+            return Err(corrupt("fewer entries than declared"));
+        }
+        Ok(DiskIndex {
+            chunk_size,
+            disk_size,
+            entries,
+        })
+    }
+
+    /// Distinct stored chunks referenced by this index, sorted.
+    pub fn chunk_ids(&self) -> Vec<ChunkId> {
+        let mut ids: Vec<ChunkId> = self.entries.iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+fn push_zero_run(out: &mut Vec<u8>, mut n: u64) {
+    out.push(magic::INDEX_TAG_ZERO_RUN);
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Reads an unsigned LEB128 u64; `None` on truncation, overflow or a non-minimal encoding.
+fn read_leb128(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        let shift = 7 * i as u32;
+        let low = u64::from(b & 0x7f);
+        if shift == 63 && low > 1 {
+            return None;
+        }
+        value |= low << shift;
+        if b & 0x80 == 0 {
+            if i > 0 && b == 0 {
+                return None; // non-minimal: trailing zero group
+            }
+            return Some((value, bytes.get(i + 1..)?));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sparse_terabyte_is_tiny() {
+        let idx = DiskIndex::new_sparse(1 << 20, 1 << 40).unwrap();
+        let enc = idx.encode().unwrap();
+        assert!(enc.len() < HEADER_LEN + 8, "{}", enc.len());
+        assert_eq!(DiskIndex::decode(&enc).unwrap(), idx);
+    }
+
+    #[test]
+    fn empty_disk() {
+        let idx = DiskIndex::new_sparse(65536, 0).unwrap();
+        let enc = idx.encode().unwrap();
+        assert_eq!(enc.len(), HEADER_LEN);
+        assert_eq!(DiskIndex::decode(&enc).unwrap(), idx);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let mut idx = DiskIndex::new_sparse(65536, 65536 * 3 + 1).unwrap();
+        idx.entries[1] = Some(ChunkId::from_bytes([1; 32]));
+        let enc = idx.encode().unwrap();
+        for cut in 0..enc.len() {
+            assert!(DiskIndex::decode(&enc[..cut]).is_err(), "cut {cut}");
+        }
+        let mut trailing = enc.clone();
+        trailing.push(0);
+        assert!(DiskIndex::decode(&trailing).is_err());
+        let mut bad_tag = enc.clone();
+        bad_tag[HEADER_LEN] = 7;
+        assert!(DiskIndex::decode(&bad_tag).is_err());
+        let mut bad_version = enc.clone();
+        bad_version[4] = 2;
+        assert_eq!(
+            DiskIndex::decode(&bad_version).unwrap_err().kind(),
+            ErrorKind::UnsupportedVersion
+        );
+        // entry count that does not match sizes
+        let mut bad_count = enc.clone();
+        bad_count[20] = 9;
+        assert!(DiskIndex::decode(&bad_count).is_err());
+        idx.entries.pop();
+        assert!(idx.encode().is_err());
+    }
+
+    #[test]
+    fn leb128_edges() {
+        for n in [1u64, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut v = Vec::new();
+            push_zero_run(&mut v, n);
+            assert_eq!(read_leb128(&v[1..]), Some((n, &[][..])));
+        }
+        assert_eq!(read_leb128(&[0x80, 0x00]), None);
+        assert_eq!(read_leb128(&[0xff; 11]), None);
+        assert_eq!(read_leb128(&[0x80]), None);
+    }
+
+    fn arb_index() -> impl Strategy<Value = DiskIndex> {
+        (
+            prop::sample::select(vec![512u32, 4096, 65536, 1 << 20]),
+            prop::collection::vec(prop::option::weighted(0.4, any::<[u8; 32]>()), 0..200),
+            0u32..512,
+        )
+            .prop_map(|(cs, entries, tail)| {
+                let n = entries.len() as u64;
+                let disk_size = if n == 0 {
+                    0
+                } else {
+                    (n - 1) * u64::from(cs) + u64::from(tail % cs) + 1
+                };
+                DiskIndex {
+                    chunk_size: cs,
+                    disk_size,
+                    entries: entries
+                        .into_iter()
+                        .map(|e| e.map(ChunkId::from_bytes))
+                        .collect(),
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(idx in arb_index()) {
+            let enc = idx.encode().unwrap();
+            prop_assert_eq!(DiskIndex::decode(&enc).unwrap(), idx);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = DiskIndex::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_encodings_never_panic(idx in arb_index(), pos in any::<usize>(), val in any::<u8>()) {
+            let mut enc = idx.encode().unwrap();
+            let p = pos % enc.len();
+            enc[p] = val;
+            if let Ok(d) = DiskIndex::decode(&enc) {
+                prop_assert!(d.validate().is_ok());
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Every magic number, version and key-derivation context of the on-disk format.
+//!
+//! **Do not modify.** Changing any value here makes existing repositories unreadable (or, for the
+//! derivation contexts, silently changes every chunk id and key). New format versions add new
+//! constants; they never edit these. Each value is documented in `FORMAT.md`, section 1.
+
+/// `format` field of the repository `config` object.
+pub const CONFIG_FORMAT: &str = "lifeboat-repo";
+/// Version of the repository layout / config this build writes and reads.
+pub const CONFIG_VERSION: u32 = 1;
+/// `encryption` value of an encrypted repository.
+pub const ENCRYPTION_XCHACHA_BLAKE3: &str = "xchacha20poly1305-blake3";
+/// `encryption` value of an unencrypted repository.
+pub const ENCRYPTION_NONE: &str = "none";
+/// `compression` value (the only one defined).
+pub const COMPRESSION_ZSTD: &str = "zstd";
+
+/// Version of the key-slot JSON.
+pub const KEY_SLOT_VERSION: u32 = 1;
+
+/// Magic bytes opening every sealed object ("LifeBoat OBject").
+pub const OBJECT_MAGIC: [u8; 4] = *b"LBOB";
+/// Version byte of the sealed-object header.
+pub const OBJECT_VERSION: u8 = 1;
+/// Length of the sealed-object header.
+pub const OBJECT_HEADER_LEN: usize = 8;
+/// Object kind byte: a data chunk.
+pub const KIND_CHUNK: u8 = 1;
+/// Object kind byte: a per-disk index.
+pub const KIND_INDEX: u8 = 2;
+/// Object kind byte: a snapshot manifest.
+pub const KIND_MANIFEST: u8 = 3;
+/// Object kind byte: reserved for boot-test results (not implemented).
+pub const KIND_BOOT_TEST: u8 = 4;
+/// Object flag: payload is zstd-compressed.
+pub const FLAG_ZSTD: u8 = 0b0000_0001;
+/// Object flag: payload is encrypted (nonce + XChaCha20-Poly1305 ciphertext and tag).
+pub const FLAG_ENCRYPTED: u8 = 0b0000_0010;
+/// XChaCha20 nonce length.
+pub const NONCE_LEN: usize = 24;
+/// Poly1305 tag length.
+pub const TAG_LEN: usize = 16;
+
+/// Magic bytes of the disk index plaintext ("LifeBoat IndeX").
+pub const INDEX_MAGIC: [u8; 4] = *b"LBIX";
+/// Version byte of the disk index plaintext.
+pub const INDEX_VERSION: u8 = 1;
+/// Index record tag: a run of all-zero chunks (followed by a LEB128 count).
+pub const INDEX_TAG_ZERO_RUN: u8 = 0x00;
+/// Index record tag: one stored chunk (followed by its 32-byte id).
+pub const INDEX_TAG_CHUNK: u8 = 0x01;
+
+/// Manifest JSON version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// `blake3::derive_key` context for the chunk/object id key.
+pub const CONTEXT_CHUNK_ID: &str = "lifeboat v1 chunk id";
+/// `blake3::derive_key` context for the object encryption key.
+pub const CONTEXT_OBJECT_ENCRYPTION: &str = "lifeboat v1 object encryption";
+/// `blake3::derive_key` context for the config MAC key.
+pub const CONTEXT_CONFIG_MAC: &str = "lifeboat v1 config mac";
+/// `blake3::derive_key` context turning a key file's secret into a key-encryption key.
+pub const CONTEXT_KEYFILE: &str = "lifeboat v1 keyfile";
+
+/// First line of a key file.
+pub const KEYFILE_HEADER: &str = "# lifeboat key file v1";
+
+/// Backend key of the config object.
+pub const KEY_CONFIG: &str = "config";
+/// Backend prefix of key slots.
+pub const PREFIX_KEYS: &str = "keys/";
+/// Backend prefix of chunks.
+pub const PREFIX_CHUNKS: &str = "chunks/";
+/// Backend prefix of disk indexes.
+pub const PREFIX_INDEXES: &str = "indexes/";
+/// Backend prefix of snapshot manifests.
+pub const PREFIX_SNAPSHOTS: &str = "snapshots/";
+
+/// Decompression limit for indexes and manifests (refuses zstd bombs).
+pub const MAX_METADATA_OBJECT: usize = 64 * 1024 * 1024;

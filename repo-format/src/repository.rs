@@ -1,0 +1,631 @@
+//! The repository: config, key slots and typed object access over a [`Backend`].
+
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::config::{validate_chunk_size, Config, EncryptionScheme};
+use crate::crypto::{random_bytes, KdfParams, KeySlot, KeySlotKind, Keys, Secret};
+use crate::error::{Error, ErrorKind, Result};
+use crate::id::{ChunkId, IndexId, KeySlotId, SnapshotId};
+use crate::index::DiskIndex;
+use crate::magic;
+use crate::manifest::Manifest;
+use crate::object;
+
+/// Default chunk size: 1 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// Smallest chunk size: 64 KiB (QEMU's dirty-bitmap granularity).
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest chunk size: 16 MiB.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+/// Default zstd level.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Whether and how to encrypt a new repository.
+#[derive(Debug, Clone)]
+pub enum Encryption {
+    /// Encrypt; the first key slot opens with `secret`.
+    Encrypted {
+        /// Passphrase or key file for the first key slot.
+        secret: Secret,
+        /// Argon2id parameters for a passphrase slot (ignored for key files).
+        kdf: KdfParams,
+    },
+    /// No encryption (ids are plain BLAKE3, objects are only compressed).
+    None,
+}
+
+/// Options of [`Repository::init`].
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Encryption.
+    pub encryption: Encryption,
+    /// Chunk size: a power of two between 64 KiB and 16 MiB.
+    pub chunk_size: u32,
+    /// zstd compression level.
+    pub zstd_level: i32,
+}
+
+impl InitOptions {
+    /// Default chunk size and compression with the given encryption.
+    pub fn new(encryption: Encryption) -> Self {
+        InitOptions {
+            encryption,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+/// A chunk ready to store: its id, sealed bytes and plaintext length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedChunk {
+    /// The chunk id.
+    pub id: ChunkId,
+    /// The sealed object bytes (header, nonce, ciphertext).
+    pub bytes: Vec<u8>,
+    /// Length of the plaintext chunk.
+    pub plain_len: usize,
+}
+
+/// Public description of a key slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySlotInfo {
+    /// Slot id.
+    pub id: KeySlotId,
+    /// Password or key file.
+    pub kind: KeySlotKind,
+    /// When the slot was created.
+    pub created: jiff::Timestamp,
+    /// Host that created it.
+    pub hostname: String,
+    /// User label.
+    pub label: String,
+}
+
+/// An open repository. `Send + Sync`; share it with `Arc`.
+///
+/// The pure methods ([`Repository::chunk_id`], [`Repository::seal_chunk`],
+/// [`Repository::open_chunk`]) do no I/O and can run on a CPU thread pool; the others call the
+/// backend.
+#[derive(Debug)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    keys: Option<Keys>,
+}
+
+fn chunk_key(id: &ChunkId) -> String {
+    let h = id.to_hex();
+    format!("{}{}/{}", magic::PREFIX_CHUNKS, &h[..2], h)
+}
+
+fn index_key(id: &IndexId) -> String {
+    let h = id.to_hex();
+    format!("{}{}/{}", magic::PREFIX_INDEXES, &h[..2], h)
+}
+
+fn snapshot_key(id: &SnapshotId) -> String {
+    format!("{}{}", magic::PREFIX_SNAPSHOTS, id.to_hex())
+}
+
+fn key_slot_key(id: &KeySlotId) -> String {
+    format!("{}{}", magic::PREFIX_KEYS, id.to_hex())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Repository {
+    /// Creates a repository on an empty backend: writes the first key slot (if encrypted) and
+    /// then the config. Fails with [`ErrorKind::AlreadyExists`] if a config exists.
+    pub fn init(backend: Arc<dyn Backend>, opts: InitOptions) -> Result<Repository> {
+        validate_chunk_size(opts.chunk_size)?;
+        if !(zstd::compression_level_range()).contains(&opts.zstd_level) {
+            return Err(Error::invalid(format!(
+                "zstd level {} is out of range",
+                opts.zstd_level
+            )));
+        }
+        if backend.exists(magic::KEY_CONFIG)? {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "a repository already exists here",
+            ));
+        }
+        let mut rid = [0u8; 16];
+        random_bytes(&mut rid)?;
+        let (keys, scheme) = match &opts.encryption {
+            Encryption::Encrypted { .. } => (
+                Some(Keys::generate()?),
+                EncryptionScheme::XChaCha20Poly1305Blake3,
+            ),
+            Encryption::None => (None, EncryptionScheme::None),
+        };
+        let mut config = Config {
+            format: magic::CONFIG_FORMAT.to_owned(),
+            version: magic::CONFIG_VERSION,
+            id: hex::encode(rid),
+            chunk_size: opts.chunk_size,
+            encryption: scheme,
+            compression: magic::COMPRESSION_ZSTD.to_owned(),
+            zstd_level: opts.zstd_level,
+            mac: None,
+        };
+        if let Some(k) = &keys {
+            config.mac = Some(k.mac(&config.canonical_without_mac()?).to_hex().to_string());
+        }
+        let repo = Repository {
+            backend,
+            config,
+            keys,
+        };
+        if let Encryption::Encrypted { secret, kdf } = &opts.encryption {
+            repo.add_key(secret, *kdf, "initial key")?;
+        }
+        let json = serde_json::to_vec_pretty(&repo.config).map_err(|e| {
+            Error::with_source(ErrorKind::InvalidArgument, "cannot encode config", e)
+        })?;
+        if !repo.backend.put_if_absent(magic::KEY_CONFIG, &json)? {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "a repository was initialised here concurrently",
+            ));
+        }
+        Ok(repo)
+    }
+
+    /// Opens a repository. An encrypted repository needs a `secret` that opens one of its key
+    /// slots ([`ErrorKind::WrongKey`] otherwise); the config MAC is then verified.
+    pub fn open(backend: Arc<dyn Backend>, secret: Option<&Secret>) -> Result<Repository> {
+        let bytes = match backend.get(magic::KEY_CONFIG) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::with_source(
+                    ErrorKind::NotARepository,
+                    "not a lifeboat repository: no config",
+                    e,
+                ))
+            }
+            Err(e) => return Err(e.wrap("cannot read the repository config")),
+        };
+        let (config, canonical) = Config::parse(&bytes)?;
+        let keys = match config.encryption {
+            EncryptionScheme::None => None,
+            EncryptionScheme::XChaCha20Poly1305Blake3 => {
+                let Some(secret) = secret else {
+                    return Err(Error::new(
+                        ErrorKind::WrongKey,
+                        "the repository is encrypted: a passphrase or key file is required",
+                    ));
+                };
+                let keys = Self::unlock(backend.as_ref(), secret)?;
+                let expected = config.mac.as_deref().unwrap_or_default();
+                let ok = hex::decode(expected)
+                    .ok()
+                    .and_then(|m| <[u8; 32]>::try_from(m).ok())
+                    .is_some_and(|m| keys.mac(&canonical) == blake3::Hash::from_bytes(m));
+                if !ok {
+                    return Err(Error::corrupt(
+                        "object config is corrupt: its MAC does not verify (tampered config)",
+                    ));
+                }
+                Some(keys)
+            }
+        };
+        Ok(Repository {
+            backend,
+            config,
+            keys,
+        })
+    }
+
+    fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<Keys> {
+        let mut slots = backend.list(magic::PREFIX_KEYS)?;
+        slots.sort();
+        let mut skipped = 0usize;
+        for key in &slots {
+            let parsed = backend
+                .get(key)
+                .and_then(|b| KeySlot::parse(&b, key))
+                .and_then(|s| s.unwrap_key(secret, key));
+            match parsed {
+                Ok(Some(keys)) => return Ok(keys),
+                Ok(None) => {}
+                // A damaged or newer slot must not lock the user out of the other slots.
+                Err(_) => skipped += 1,
+            }
+        }
+        let mut msg = format!(
+            "no key slot opens with the given {} ({} slot(s) tried",
+            match secret {
+                Secret::Password(_) => "passphrase",
+                Secret::KeyFile(_) => "key file",
+            },
+            slots.len()
+        );
+        if skipped > 0 {
+            msg.push_str(&format!(", {skipped} unreadable"));
+        }
+        msg.push(')');
+        Err(Error::new(ErrorKind::WrongKey, msg))
+    }
+
+    /// Adds a key slot opening this repository with `secret`.
+    pub fn add_key(&self, secret: &Secret, kdf: KdfParams, label: &str) -> Result<KeySlotId> {
+        let Some(keys) = &self.keys else {
+            return Err(Error::invalid(
+                "the repository is not encrypted: it has no keys",
+            ));
+        };
+        let slot = keys.wrap(secret, kdf, &hostname(), label)?;
+        let json = serde_json::to_vec_pretty(&slot).map_err(|e| {
+            Error::with_source(ErrorKind::InvalidArgument, "cannot encode key slot", e)
+        })?;
+        let mut raw = [0u8; 32];
+        random_bytes(&mut raw)?;
+        let id = KeySlotId::from_bytes(raw);
+        if !self.backend.put_if_absent(&key_slot_key(&id), &json)? {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("key slot {id} already exists"),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// The key slots, sorted by creation time. Unreadable slots are an error naming them.
+    pub fn list_keys(&self) -> Result<Vec<KeySlotInfo>> {
+        let mut out = Vec::new();
+        for key in self.backend.list(magic::PREFIX_KEYS)? {
+            let name = key.strip_prefix(magic::PREFIX_KEYS).unwrap_or(&key);
+            let id: KeySlotId = name
+                .parse()
+                .map_err(|e: Error| e.wrap(format!("key slot {key} has an invalid name")))?;
+            let slot = KeySlot::parse(&self.backend.get(&key)?, &key)?;
+            out.push(KeySlotInfo {
+                id,
+                kind: slot.kind,
+                created: slot.created,
+                hostname: slot.hostname,
+                label: slot.label,
+            });
+        }
+        out.sort_by(|a, b| (a.created, a.id).cmp(&(b.created, b.id)));
+        Ok(out)
+    }
+
+    /// Removes a key slot. Refuses to remove the last one.
+    pub fn remove_key(&self, id: &KeySlotId) -> Result<()> {
+        let key = key_slot_key(id);
+        if !self.backend.exists(&key)? {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("key slot {id} not found"),
+            ));
+        }
+        if self.backend.list(magic::PREFIX_KEYS)?.len() <= 1 {
+            return Err(Error::invalid(format!(
+                "key slot {id} is the last one: removing it would make the repository unreadable"
+            )));
+        }
+        self.backend.delete(&key)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> u32 {
+        self.config.chunk_size
+    }
+
+    /// Whether objects are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The random repository id (32 hex digits).
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    // ---- pure CPU work ----
+
+    /// The id of a chunk with this plaintext. No I/O.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        ChunkId::from_bytes(object::object_hash(self.keys.as_ref(), data))
+    }
+
+    /// Hashes, compresses and encrypts a chunk. No I/O. Fails only if the operating system
+    /// cannot provide a random nonce or the chunk exceeds the chunk size.
+    pub fn seal_chunk(&self, data: &[u8]) -> Result<SealedChunk> {
+        if data.len() > self.chunk_limit() {
+            return Err(Error::invalid(format!(
+                "chunk of {} bytes exceeds the chunk size {}",
+                data.len(),
+                self.config.chunk_size
+            )));
+        }
+        let id = self.chunk_id(data);
+        let bytes = object::seal(
+            self.keys.as_ref(),
+            magic::KIND_CHUNK,
+            id.as_bytes(),
+            data,
+            self.config.zstd_level,
+        )?;
+        Ok(SealedChunk {
+            id,
+            bytes,
+            plain_len: data.len(),
+        })
+    }
+
+    /// Verifies, decrypts and decompresses a sealed chunk and checks it hashes to `id`. No I/O.
+    /// Any mismatch is [`ErrorKind::Corrupt`].
+    pub fn open_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>> {
+        object::open(
+            self.keys.as_ref(),
+            magic::KIND_CHUNK,
+            id.as_bytes(),
+            bytes,
+            self.chunk_limit(),
+            &chunk_key(id),
+        )
+    }
+
+    fn chunk_limit(&self) -> usize {
+        usize::try_from(self.config.chunk_size).unwrap_or(usize::MAX)
+    }
+
+    // ---- I/O ----
+
+    /// Stores a sealed chunk; `false` if it was already stored.
+    pub fn store_chunk(&self, chunk: &SealedChunk) -> Result<bool> {
+        self.backend
+            .put_if_absent(&chunk_key(&chunk.id), &chunk.bytes)
+    }
+
+    /// Whether a chunk is stored.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.backend.exists(&chunk_key(id))
+    }
+
+    /// Loads and verifies a chunk.
+    pub fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let bytes = self.get_object(&chunk_key(id), "chunk")?;
+        self.open_chunk(id, &bytes)
+    }
+
+    /// Every stored chunk id (keys under `chunks/` that are not chunk names are skipped).
+    pub fn list_chunks(&self) -> Result<Vec<ChunkId>> {
+        let mut ids: Vec<ChunkId> = self
+            .backend
+            .list(magic::PREFIX_CHUNKS)?
+            .iter()
+            .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Seals and stores a disk index; returns its id (storing an existing index is a no-op).
+    pub fn store_index(&self, index: &DiskIndex) -> Result<IndexId> {
+        let plain = index.encode()?;
+        let id = IndexId::from_bytes(object::object_hash(self.keys.as_ref(), &plain));
+        let sealed = object::seal(
+            self.keys.as_ref(),
+            magic::KIND_INDEX,
+            id.as_bytes(),
+            &plain,
+            self.config.zstd_level,
+        )?;
+        self.backend.put_if_absent(&index_key(&id), &sealed)?;
+        Ok(id)
+    }
+
+    /// Loads and verifies a disk index.
+    pub fn load_index(&self, id: &IndexId) -> Result<DiskIndex> {
+        let key = index_key(id);
+        let bytes = self.get_object(&key, "index")?;
+        let plain = object::open(
+            self.keys.as_ref(),
+            magic::KIND_INDEX,
+            id.as_bytes(),
+            &bytes,
+            magic::MAX_METADATA_OBJECT,
+            &key,
+        )?;
+        DiskIndex::decode(&plain).map_err(|e| e.wrap(format!("object {key} is corrupt")))
+    }
+
+    /// Commits a snapshot by writing its manifest, which must come after every chunk and index
+    /// it references. Checks that the disks' indexes exist. Returns the snapshot id.
+    pub fn commit_snapshot(&self, manifest: &Manifest) -> Result<SnapshotId> {
+        for disk in &manifest.disks {
+            if !self.backend.exists(&index_key(&disk.index))? {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "cannot commit snapshot of {}: index {} of disk {} is not stored",
+                        manifest.name, disk.index, disk.name
+                    ),
+                ));
+            }
+        }
+        let plain = manifest.encode()?;
+        let id = SnapshotId::from_bytes(object::object_hash(self.keys.as_ref(), &plain));
+        let sealed = object::seal(
+            self.keys.as_ref(),
+            magic::KIND_MANIFEST,
+            id.as_bytes(),
+            &plain,
+            self.config.zstd_level,
+        )?;
+        self.backend.put_if_absent(&snapshot_key(&id), &sealed)?;
+        Ok(id)
+    }
+
+    /// Loads and verifies a snapshot manifest.
+    pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
+        let key = snapshot_key(id);
+        let bytes = self.get_object(&key, "snapshot")?;
+        let plain = object::open(
+            self.keys.as_ref(),
+            magic::KIND_MANIFEST,
+            id.as_bytes(),
+            &bytes,
+            magic::MAX_METADATA_OBJECT,
+            &key,
+        )?;
+        Manifest::decode(&plain).map_err(|e| e.wrap(format!("object {key} is corrupt")))
+    }
+
+    /// Every snapshot id (without loading manifests), sorted by id.
+    pub fn list_snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
+        let mut ids = Vec::new();
+        for key in self.backend.list(magic::PREFIX_SNAPSHOTS)? {
+            let name = key.strip_prefix(magic::PREFIX_SNAPSHOTS).unwrap_or(&key);
+            let id: SnapshotId = name.parse().map_err(|e: Error| {
+                Error::with_source(
+                    ErrorKind::Corrupt,
+                    format!("object {key} has an invalid snapshot name"),
+                    e,
+                )
+            })?;
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Every snapshot with its manifest, sorted by time (then id). A manifest that does not
+    /// verify is an error naming it.
+    pub fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Manifest)>> {
+        let mut out = Vec::new();
+        for id in self.list_snapshot_ids()? {
+            out.push((id, self.load_snapshot(&id)?));
+        }
+        out.sort_by(|a, b| (a.1.time, a.0).cmp(&(b.1.time, b.0)));
+        Ok(out)
+    }
+
+    /// Resolves a snapshot reference:
+    /// - a unique hex prefix of a snapshot id (at least 4 digits);
+    /// - `NAME@latest`: the latest snapshot of `NAME`;
+    /// - `NAME@TIME`: the latest snapshot of `NAME` at or before `TIME`, an RFC 3339 timestamp
+    ///   (`2024-05-01T10:00:00Z`), a civil date-time taken as UTC (`2024-05-01T10:00:00`) or a
+    ///   date (`2024-05-01`, meaning the end of that day, UTC).
+    pub fn resolve(&self, reference: &str) -> Result<SnapshotId> {
+        if let Some((name, when)) = reference.rsplit_once('@') {
+            return self.resolve_by_name(name, when);
+        }
+        let prefix = reference.to_ascii_lowercase();
+        if prefix.len() < 4 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::invalid(format!(
+                "invalid snapshot reference {reference:?}: expected an id prefix of 4 to 64 hex \
+                 digits, NAME@latest or NAME@TIME"
+            )));
+        }
+        let matches: Vec<SnapshotId> = self
+            .list_snapshot_ids()?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&prefix))
+            .collect();
+        match matches.as_slice() {
+            [] => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no snapshot id starts with {reference}"),
+            )),
+            [one] => Ok(*one),
+            more => Err(Error::new(
+                ErrorKind::Ambiguous,
+                format!(
+                    "snapshot id prefix {reference} matches {} snapshots; use more digits",
+                    more.len()
+                ),
+            )),
+        }
+    }
+
+    fn resolve_by_name(&self, name: &str, when: &str) -> Result<SnapshotId> {
+        if name.is_empty() {
+            return Err(Error::invalid(
+                "snapshot reference has an empty name before `@`",
+            ));
+        }
+        let limit = if when == "latest" {
+            None
+        } else {
+            Some(parse_time(when)?)
+        };
+        let found = self
+            .list_snapshots()?
+            .into_iter()
+            .filter(|(_, m)| m.name == name && limit.is_none_or(|t| m.time <= t))
+            .next_back();
+        found.map(|(id, _)| id).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                match limit {
+                    None => format!("no snapshot of {name}"),
+                    Some(t) => format!("no snapshot of {name} at or before {t}"),
+                },
+            )
+        })
+    }
+
+    fn get_object(&self, key: &str, what: &str) -> Result<Vec<u8>> {
+        self.backend.get(key).map_err(|e| {
+            let kind = e.kind();
+            let msg = if kind == ErrorKind::NotFound {
+                format!("{what} {key} not found")
+            } else {
+                format!("cannot read {what} {key}")
+            };
+            Error::with_source(kind, msg, e)
+        })
+    }
+}
+
+fn parse_time(s: &str) -> Result<jiff::Timestamp> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    if let Ok(dt) = s.parse::<jiff::civil::DateTime>() {
+        if s.contains('T') || s.contains(' ') {
+            if let Ok(z) = dt.to_zoned(jiff::tz::TimeZone::UTC) {
+                return Ok(z.timestamp());
+            }
+        }
+    }
+    if let Ok(d) = s.parse::<jiff::civil::Date>() {
+        let end = d
+            .tomorrow()
+            .ok()
+            .and_then(|t| t.to_zoned(jiff::tz::TimeZone::UTC).ok())
+            .and_then(|z| {
+                z.timestamp()
+                    .checked_sub(jiff::SignedDuration::from_nanos(1))
+                    .ok()
+            });
+        if let Some(t) = end {
+            return Ok(t);
+        }
+    }
+    Err(Error::invalid(format!(
+        "invalid time {s:?}: expected `latest`, an RFC 3339 timestamp or a date (YYYY-MM-DD)"
+    )))
+}
