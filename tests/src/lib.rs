@@ -1,1 +1,27 @@
-//! End-to-end test harness (placeholder).
+//! End-to-end test harness for Lifeboat: boots real QEMU guests through libvirt.
+//!
+//! - [`ensure_libvirt`]: checks the packages (`scripts/install-deps.sh --check`) and starts
+//!   virtlogd/libvirtd when needed (`scripts/start-services.sh`).
+//! - [`test_guest`]: the cached test guest (Debian kernel + busybox/qemu-ga initramfs built by
+//!   `scripts/build-test-guest.sh`; ~5–10 s from `virsh start` to a responding agent under TCG).
+//! - [`TestVm`]: one isolated domain with [`DiskSpec`] disks; `exec`, `write_file`, freeze
+//!   status, shutdown; destroyed and undefined on drop. At most 2 guests run at once
+//!   (`LIFEBOAT_TEST_MAX_GUESTS`).
+//! - [`check_ext4`] / [`read_file_from_ext4`]: host-side checks of disk images.
+//!
+//! Tests need root and fail (never skip) with a message naming `scripts/install-deps.sh` when a
+//! tool is missing.
+
+mod cmd;
+mod env;
+mod ext4;
+mod slots;
+mod vm;
+
+pub use cmd::{run, run_output, scripts_dir, virsh, virsh_timeout, wait_until};
+pub use env::{
+    ensure_libvirt, require_root, test_guest, GuestFiles, DOMAIN_PREFIX, SYSTEM_URI, VM_ROOT,
+};
+pub use ext4::{check_ext4, image_format, read_file_from_ext4};
+pub use slots::{acquire_slot, GuestSlot};
+pub use vm::{remove_domain, DiskSpec, ExecOutput, TestVm, VirshTransport};
