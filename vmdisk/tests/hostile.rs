@@ -394,15 +394,16 @@ async fn block_status_short_answers_are_looped_and_clipped() {
         .unwrap_or_else(|e| panic!("block status: {e:?}"));
     assert_eq!(
         v,
+        // Requests start at 1000 + k * 64 KiB; the first at or past SIZE / 2 is k = 8.
         vec![
             vmdisk::BlockStatus {
                 offset: 1000,
-                length: SIZE / 2 - 1000,
+                length: 8 * 65536,
                 flags: 0
             },
             vmdisk::BlockStatus {
-                offset: SIZE / 2,
-                length: SIZE / 2 - 1000,
+                offset: 1000 + 8 * 65536,
+                length: SIZE - 2000 - 8 * 65536,
                 flags: 3
             },
         ]
