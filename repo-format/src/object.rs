@@ -100,11 +100,10 @@ pub(crate) fn open(
     if header[..4] != magic::OBJECT_MAGIC {
         return Err(corrupt("bad magic"));
     }
+    // A new object version comes with a new repository version, so in a version-1
+    // repository any other value is damage.
     if header[4] != magic::OBJECT_VERSION {
-        return Err(Error::new(
-            ErrorKind::UnsupportedVersion,
-            format!("object {name} has unsupported version {}", header[4]),
-        ));
+        return Err(corrupt(&format!("unknown object version {}", header[4])));
     }
     if header[5] != kind {
         return Err(corrupt(&format!(

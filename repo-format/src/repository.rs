@@ -295,7 +295,7 @@ impl Repository {
                 label: slot.label,
             });
         }
-        out.sort_by(|a, b| (a.created, a.id).cmp(&(b.created, b.id)));
+        out.sort_by_key(|a| (a.created, a.id));
         Ok(out)
     }
 
@@ -518,7 +518,7 @@ impl Repository {
         for id in self.list_snapshot_ids()? {
             out.push((id, self.load_snapshot(&id)?));
         }
-        out.sort_by(|a, b| (a.1.time, a.0).cmp(&(b.1.time, b.0)));
+        out.sort_by_key(|a| (a.1.time, a.0));
         Ok(out)
     }
 
@@ -574,8 +574,7 @@ impl Repository {
         let found = self
             .list_snapshots()?
             .into_iter()
-            .filter(|(_, m)| m.name == name && limit.is_none_or(|t| m.time <= t))
-            .next_back();
+            .rfind(|(_, m)| m.name == name && limit.is_none_or(|t| m.time <= t));
         found.map(|(id, _)| id).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,

@@ -1,1 +1,640 @@
+//! Repository-level tests: what `Repository` promises, over memory, local and faulty backends.
 
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use crate::backend::{Backend, FaultyBackend, LocalBackend, MemoryBackend};
+use crate::*;
+
+const CHEAP: KdfParams = KdfParams::new(8, 1, 1);
+const CHUNK: u32 = 64 * 1024;
+
+fn password(p: &str) -> Secret {
+    Secret::Password(p.to_owned())
+}
+
+fn init(backend: Arc<dyn Backend>, encrypted: bool) -> Repository {
+    let encryption = if encrypted {
+        Encryption::Encrypted {
+            secret: password("pw"),
+            kdf: CHEAP,
+        }
+    } else {
+        Encryption::None
+    };
+    let mut opts = InitOptions::new(encryption);
+    opts.chunk_size = CHUNK;
+    Repository::init(backend, opts).unwrap()
+}
+
+fn mem_repo(encrypted: bool) -> (Arc<MemoryBackend>, Repository) {
+    let mem = Arc::new(MemoryBackend::new());
+    let repo = init(mem.clone(), encrypted);
+    (mem, repo)
+}
+
+fn chunk_data(seed: u8) -> Vec<u8> {
+    (0..CHUNK as usize)
+        .map(|i| (i as u8 / 16).wrapping_mul(seed) ^ seed)
+        .collect()
+}
+
+fn time(s: &str) -> jiff::Timestamp {
+    s.parse().unwrap()
+}
+
+/// Stores one disk of two data chunks and one zero chunk, then commits a snapshot.
+fn backup(repo: &Repository, name: &str, at: &str, seed: u8) -> SnapshotId {
+    let mut index = DiskIndex::new_sparse(CHUNK, 3 * u64::from(CHUNK) - 100).unwrap();
+    for (i, s) in [(0, seed), (2, seed.wrapping_add(1))] {
+        let mut data = chunk_data(s);
+        if i == 2 {
+            data.truncate(CHUNK as usize - 100);
+        }
+        let sealed = repo.seal_chunk(&data).unwrap();
+        repo.store_chunk(&sealed).unwrap();
+        index.entries[i] = Some(sealed.id);
+    }
+    let index_id = repo.store_index(&index).unwrap();
+    let mut m = Manifest::new(name, SnapshotKind::Vm, "host", time(at));
+    m.disks.push(DiskEntry {
+        name: "vda".into(),
+        virtual_size: index.disk_size,
+        format: "raw".into(),
+        chunk_size: CHUNK,
+        index: index_id,
+        source: None,
+        qemu_img_info: None,
+        create_options: Default::default(),
+        backup_mode: BackupMode::Full,
+        bytes_read: 0,
+        bytes_new: 0,
+        chunks_new: 2,
+        cbt: None,
+    });
+    repo.commit_snapshot(&m).unwrap()
+}
+
+/// Reads a snapshot back and rebuilds its disk.
+fn restore(repo: &Repository, id: &SnapshotId) -> Vec<u8> {
+    let m = repo.load_snapshot(id).unwrap();
+    let index = repo.load_index(&m.disks[0].index).unwrap();
+    let mut disk = Vec::new();
+    for (i, e) in index.entries.iter().enumerate() {
+        let len = (index.disk_size - i as u64 * u64::from(CHUNK)).min(u64::from(CHUNK));
+        match e {
+            Some(c) => disk.extend(repo.load_chunk(c).unwrap()),
+            None => disk.resize(disk.len() + len as usize, 0),
+        }
+    }
+    disk
+}
+
+#[test]
+fn round_trip_encrypted_and_not() {
+    for encrypted in [true, false] {
+        let (mem, repo) = mem_repo(encrypted);
+        assert_eq!(repo.is_encrypted(), encrypted);
+        assert_eq!(repo.chunk_size(), CHUNK);
+        let id = backup(&repo, "web", "2024-05-01T10:00:00Z", 3);
+        let secret = password("pw");
+        let repo = Repository::open(mem.clone(), encrypted.then_some(&secret)).unwrap();
+        let disk = restore(&repo, &id);
+        assert_eq!(disk.len(), 3 * CHUNK as usize - 100);
+        assert_eq!(&disk[..CHUNK as usize], &chunk_data(3)[..]);
+        assert!(disk[CHUNK as usize..2 * CHUNK as usize]
+            .iter()
+            .all(|b| *b == 0));
+        assert_eq!(repo.list_chunks().unwrap().len(), 2);
+        // Identical data deduplicates: same id, second store is a no-op.
+        let sealed = repo.seal_chunk(&chunk_data(3)).unwrap();
+        assert!(!repo.store_chunk(&sealed).unwrap());
+        assert!(repo.has_chunk(&sealed.id).unwrap());
+        assert_eq!(repo.chunk_id(&chunk_data(3)), sealed.id);
+        // Encrypted ids are keyed: they do not reveal the plain BLAKE3 of the data.
+        let plain = ChunkId::from_bytes(*blake3::hash(&chunk_data(3)).as_bytes());
+        assert_eq!(sealed.id == plain, !encrypted);
+        // Compressible chunk is stored smaller.
+        assert!(sealed.bytes.len() < sealed.plain_len);
+        // No plaintext in an encrypted repository.
+        if encrypted {
+            for key in mem.keys() {
+                if key.starts_with("snapshots/") {
+                    let b = mem.get(&key).unwrap();
+                    assert!(!b.windows(3).any(|w| w == b"web"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn local_backend_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(LocalBackend::new(dir.path()));
+    let repo = init(backend.clone(), true);
+    let id = backup(&repo, "web", "2024-05-01T10:00:00Z", 9);
+    let repo = Repository::open(backend, Some(&password("pw"))).unwrap();
+    assert_eq!(repo.list_snapshots().unwrap()[0].0, id);
+    assert_eq!(&restore(&repo, &id)[..CHUNK as usize], &chunk_data(9)[..]);
+    let chunk = repo.list_chunks().unwrap()[0];
+    let hex = chunk.to_hex();
+    assert!(dir
+        .path()
+        .join(format!("chunks/{}/{}", &hex[..2], hex))
+        .is_file());
+}
+
+#[test]
+fn wrong_or_missing_secret_is_wrong_key() {
+    let (mem, _repo) = mem_repo(true);
+    let kf = Secret::KeyFile(KeyFile::generate().unwrap());
+    for secret in [Some(&password("nope")), Some(&kf), None] {
+        let e = Repository::open(mem.clone(), secret).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WrongKey, "{e}");
+    }
+}
+
+#[test]
+fn password_and_key_file_slots_both_open() {
+    let (mem, repo) = mem_repo(true);
+    let kf = KeyFile::generate().unwrap();
+    let kf = KeyFile::parse(&kf.to_text()).unwrap();
+    let kf_slot = repo
+        .add_key(&Secret::KeyFile(kf.clone()), CHEAP, "backup key file")
+        .unwrap();
+    let id = backup(&repo, "web", "2024-05-01T10:00:00Z", 1);
+
+    let keys = repo.list_keys().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().any(|k| k.id == kf_slot
+        && k.kind == KeySlotKind::Keyfile
+        && k.label == "backup key file"));
+
+    for secret in [password("pw"), Secret::KeyFile(kf.clone())] {
+        let r = Repository::open(mem.clone(), Some(&secret)).unwrap();
+        assert_eq!(r.id(), repo.id());
+        assert_eq!(r.load_snapshot(&id).unwrap().name, "web");
+    }
+
+    // Remove the password slot: only the key file opens now; the last slot stays.
+    let pw_slot = keys.iter().find(|k| k.id != kf_slot).unwrap().id;
+    repo.remove_key(&pw_slot).unwrap();
+    assert_eq!(
+        Repository::open(mem.clone(), Some(&password("pw")))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::WrongKey
+    );
+    Repository::open(mem.clone(), Some(&Secret::KeyFile(kf))).unwrap();
+    assert_eq!(
+        repo.remove_key(&kf_slot).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        repo.remove_key(&pw_slot).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn damaged_key_slot_does_not_lock_out_others() {
+    let (mem, repo) = mem_repo(true);
+    repo.add_key(&password("second"), CHEAP, "").unwrap();
+    let first = mem
+        .keys()
+        .into_iter()
+        .find(|k| k.starts_with("keys/"))
+        .unwrap();
+    mem.overwrite(&first, b"{garbage".to_vec());
+    // Whichever slot was damaged, one of the two passphrases still opens.
+    let opened = [password("pw"), password("second")]
+        .iter()
+        .filter(|s| Repository::open(mem.clone(), Some(s)).is_ok())
+        .count();
+    assert_eq!(opened, 1);
+}
+
+#[test]
+fn refused_delete_keeps_key_slot() {
+    let mem = Arc::new(MemoryBackend::new());
+    let faulty = Arc::new(FaultyBackend::new(mem.clone()));
+    let repo = init(faulty.clone(), true);
+    let id = repo.add_key(&password("second"), CHEAP, "").unwrap();
+    faulty.set_refuse_deletes(true);
+    assert_eq!(repo.remove_key(&id).unwrap_err().kind(), ErrorKind::Io);
+    assert_eq!(repo.list_keys().unwrap().len(), 2);
+    Repository::open(mem, Some(&password("second"))).unwrap();
+}
+
+#[test]
+fn init_and_open_errors() {
+    let (mem, _) = mem_repo(false);
+    let e = Repository::init(mem.clone(), InitOptions::new(Encryption::None)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+
+    let empty = Arc::new(MemoryBackend::new());
+    let e = Repository::open(empty.clone(), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotARepository);
+    empty.overwrite("config", br#"{"version":1,"kdf":"restic"}"#.to_vec());
+    let e = Repository::open(empty, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotARepository);
+
+    for bad in [0, 4096, 3 << 16, 32 << 20] {
+        let mut opts = InitOptions::new(Encryption::None);
+        opts.chunk_size = bad;
+        let e = Repository::init(Arc::new(MemoryBackend::new()), opts).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+}
+
+#[test]
+fn config_format() {
+    let (mem, repo) = mem_repo(true);
+    let v: serde_json::Value = serde_json::from_slice(&mem.get("config").unwrap()).unwrap();
+    assert_eq!(v["format"], "lifeboat-repo");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["encryption"], "xchacha20poly1305-blake3");
+    assert_eq!(v["compression"], "zstd");
+    assert_eq!(v["zstd_level"], 3);
+    assert_eq!(v["chunk_size"], CHUNK);
+    assert_eq!(v["id"].as_str().unwrap().len(), 32);
+    assert_eq!(v["mac"].as_str().unwrap().len(), 64);
+    assert_eq!(repo.config().id, v["id"]);
+
+    let (mem, _) = mem_repo(false);
+    let v: serde_json::Value = serde_json::from_slice(&mem.get("config").unwrap()).unwrap();
+    assert_eq!(v["encryption"], "none");
+    assert!(v.get("mac").is_none());
+}
+
+#[test]
+fn tampered_config_chunk_size_is_corrupt() {
+    let (mem, _) = mem_repo(true);
+    let mut v: serde_json::Value = serde_json::from_slice(&mem.get("config").unwrap()).unwrap();
+    v["chunk_size"] = serde_json::json!(CHUNK * 2);
+    mem.overwrite("config", serde_json::to_vec(&v).unwrap());
+    let e = Repository::open(mem.clone(), Some(&password("pw"))).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    // Re-formatting (whitespace, key order) is not tampering: the MAC covers canonical JSON.
+    v["chunk_size"] = serde_json::json!(CHUNK);
+    mem.overwrite("config", serde_json::to_vec(&v).unwrap());
+    Repository::open(mem, Some(&password("pw"))).unwrap();
+}
+
+#[test]
+fn object_swap_is_corrupt() {
+    for encrypted in [true, false] {
+        let (mem, repo) = mem_repo(encrypted);
+        let a = repo.seal_chunk(&chunk_data(1)).unwrap();
+        let b = repo.seal_chunk(&chunk_data(2)).unwrap();
+        repo.store_chunk(&a).unwrap();
+        repo.store_chunk(&b).unwrap();
+        let key_b = mem
+            .keys()
+            .into_iter()
+            .find(|k| k.ends_with(&b.id.to_hex()))
+            .unwrap();
+        mem.overwrite(&key_b, a.bytes.clone());
+        let e = repo.load_chunk(&b.id).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains(&b.id.to_hex()), "{e}");
+
+        // A chunk renamed as an index or a manifest is refused too (kind byte + AAD).
+        let id = backup(&repo, "x", "2024-01-01T00:00:00Z", 5);
+        let m = repo.load_snapshot(&id).unwrap();
+        let snap_key = format!("snapshots/{id}");
+        let idx_hex = m.disks[0].index.to_hex();
+        let idx_key = format!("indexes/{}/{}", &idx_hex[..2], idx_hex);
+        let manifest_bytes = mem.get(&snap_key).unwrap();
+        mem.overwrite(&snap_key, mem.get(&idx_key).unwrap());
+        mem.overwrite(&idx_key, manifest_bytes);
+        assert_eq!(
+            repo.load_snapshot(&id).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            repo.load_index(&m.disks[0].index).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            repo.list_snapshots().unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+    }
+}
+
+#[test]
+fn truncated_objects_are_corrupt() {
+    for encrypted in [true, false] {
+        let (_, repo) = mem_repo(encrypted);
+        let data = b"short chunk, compressible compressible compressible".repeat(20);
+        let sealed = repo.seal_chunk(&data).unwrap();
+        for len in 0..sealed.bytes.len() {
+            let e = repo
+                .open_chunk(&sealed.id, &sealed.bytes[..len])
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "len {len}");
+        }
+    }
+}
+
+#[test]
+fn zstd_bomb_is_refused() {
+    let (mem, repo) = mem_repo(false);
+    // A "chunk" that claims to be 32 MiB of zeros, in a repository of 64 KiB chunks.
+    let plain = vec![0u8; 32 << 20];
+    let id = ChunkId::from_bytes(*blake3::hash(&plain).as_bytes());
+    let mut obj = b"LBOB\x01\x01\x01\x00".to_vec();
+    obj.extend(zstd::bulk::compress(&plain, 3).unwrap());
+    assert!(obj.len() < 4096);
+    let hex = id.to_hex();
+    mem.overwrite(&format!("chunks/{}/{}", &hex[..2], hex), obj);
+    assert_eq!(repo.load_chunk(&id).unwrap_err().kind(), ErrorKind::Corrupt);
+}
+
+#[test]
+fn missing_objects_are_not_found() {
+    let (_, repo) = mem_repo(true);
+    let id = ChunkId::from_bytes([1; 32]);
+    assert_eq!(
+        repo.load_chunk(&id).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        repo.load_snapshot(&SnapshotId::from_bytes([1; 32]))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    // A manifest referencing an index that was never stored cannot be committed.
+    let mut m = Manifest::new("x", SnapshotKind::Image, "h", time("2024-01-01T00:00:00Z"));
+    m.disks.push(DiskEntry {
+        name: "vda".into(),
+        virtual_size: 0,
+        format: "raw".into(),
+        chunk_size: CHUNK,
+        index: IndexId::from_bytes([2; 32]),
+        source: None,
+        qemu_img_info: None,
+        create_options: Default::default(),
+        backup_mode: BackupMode::Full,
+        bytes_read: 0,
+        bytes_new: 0,
+        chunks_new: 0,
+        cbt: None,
+    });
+    assert_eq!(
+        repo.commit_snapshot(&m).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert!(repo.list_snapshots().unwrap().is_empty());
+}
+
+#[test]
+fn interrupted_backup_is_not_listed() {
+    let mem = Arc::new(MemoryBackend::new());
+    let faulty = Arc::new(FaultyBackend::new(mem.clone()));
+    let repo = init(faulty.clone(), true);
+    // Chunks and index written, manifest never written.
+    let sealed = repo.seal_chunk(&chunk_data(4)).unwrap();
+    repo.store_chunk(&sealed).unwrap();
+    let mut index = DiskIndex::new_sparse(CHUNK, u64::from(CHUNK)).unwrap();
+    index.entries[0] = Some(sealed.id);
+    repo.store_index(&index).unwrap();
+    assert!(repo.list_snapshots().unwrap().is_empty());
+
+    // Storage fails in the middle of a backup (after 1 of its 3 puts): nothing is listed.
+    faulty.fail_puts_after(1);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        backup(&repo, "web", "2024-05-01T10:00:00Z", 7)
+    }));
+    assert!(result.is_err());
+    assert!(repo.list_snapshots().unwrap().is_empty());
+    // A retry after the fault succeeds, reusing what was already uploaded.
+    faulty.allow_puts();
+    let id = backup(&repo, "web", "2024-05-01T10:00:00Z", 7);
+    assert_eq!(repo.list_snapshots().unwrap()[0].0, id);
+}
+
+#[test]
+fn list_snapshots_sorted_by_time() {
+    let (_, repo) = mem_repo(false);
+    let c = backup(&repo, "web", "2024-05-03T00:00:00Z", 1);
+    let a = backup(&repo, "db", "2024-05-01T00:00:00Z", 2);
+    let b = backup(&repo, "web", "2024-05-02T00:00:00Z", 3);
+    let ids: Vec<SnapshotId> = repo
+        .list_snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(ids, [a, b, c]);
+}
+
+#[test]
+fn resolve_references() {
+    let (mem, repo) = mem_repo(true);
+    let w1 = backup(&repo, "web", "2024-05-01T10:00:00Z", 1);
+    let w2 = backup(&repo, "web", "2024-05-02T10:00:00Z", 2);
+    let d1 = backup(&repo, "db", "2024-05-03T10:00:00Z", 3);
+
+    assert_eq!(repo.resolve("web@latest").unwrap(), w2);
+    assert_eq!(repo.resolve("db@latest").unwrap(), d1);
+    assert_eq!(repo.resolve("web@2024-05-01T12:00:00Z").unwrap(), w1);
+    assert_eq!(repo.resolve("web@2024-05-02T10:00:00Z").unwrap(), w2);
+    assert_eq!(repo.resolve("web@2024-05-02T12:00:00+02:00").unwrap(), w2);
+    assert_eq!(repo.resolve("web@2024-05-02T11:59:00+02:00").unwrap(), w1);
+    assert_eq!(repo.resolve("web@2024-05-01").unwrap(), w1);
+    assert_eq!(repo.resolve("web@2024-05-02").unwrap(), w2);
+    assert_eq!(
+        repo.resolve("web@2024-05-01T09:00:00").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        repo.resolve("web@2024-04-30").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        repo.resolve("nope@latest").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        repo.resolve("web@yesterday").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        repo.resolve("@latest").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    assert_eq!(repo.resolve(&w1.to_hex()).unwrap(), w1);
+    assert_eq!(repo.resolve(&w1.to_hex()[..12]).unwrap(), w1);
+    assert_eq!(repo.resolve(&d1.to_hex()[..12].to_uppercase()).unwrap(), d1);
+    assert_eq!(
+        repo.resolve("abc").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        repo.resolve("xyz12").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    // Two ids sharing a prefix (planted names: prefix resolution does not read manifests).
+    mem.overwrite(
+        &format!("snapshots/{}", "abcd0".repeat(13)[..64].to_owned()),
+        vec![],
+    );
+    mem.overwrite(
+        &format!("snapshots/{}", "abcd1".repeat(13)[..64].to_owned()),
+        vec![],
+    );
+    assert_eq!(
+        repo.resolve("abcd").unwrap_err().kind(),
+        ErrorKind::Ambiguous
+    );
+    assert_eq!(
+        repo.resolve("ABCD0").unwrap().to_hex(),
+        "abcd0".repeat(13)[..64]
+    );
+    let absent = if w1.to_hex().starts_with("0000") {
+        "ffff"
+    } else {
+        "0000"
+    };
+    if !w2.to_hex().starts_with(absent) && !d1.to_hex().starts_with(absent) {
+        assert_eq!(
+            repo.resolve(absent).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+}
+
+#[test]
+fn errors_display_only_their_context() {
+    let (mem, _) = mem_repo(true);
+    let e = Repository::open(mem, Some(&password("bad"))).unwrap_err();
+    assert!(e.to_string().starts_with("no key slot opens"), "{e}");
+    let e = Repository::open(Arc::new(MemoryBackend::new()), None).unwrap_err();
+    let source = std::error::Error::source(&e).unwrap();
+    assert!(!e.to_string().contains(&source.to_string()));
+}
+
+/// Shared fixture for the tampering properties: one repository per mode with one snapshot.
+struct Fixture {
+    mem: Arc<MemoryBackend>,
+    repo: Repository,
+    chunk: SealedChunk,
+    snapshot: SnapshotId,
+    index: IndexId,
+}
+
+fn fixture(encrypted: bool) -> Fixture {
+    let (mem, repo) = mem_repo(encrypted);
+    let data = b"tamper me ".repeat(500);
+    let chunk = repo.seal_chunk(&data).unwrap();
+    repo.store_chunk(&chunk).unwrap();
+    let snapshot = backup(&repo, "vm", "2024-05-01T10:00:00Z", 11);
+    let index = repo.load_snapshot(&snapshot).unwrap().disks[0].index;
+    Fixture {
+        mem,
+        repo,
+        chunk,
+        snapshot,
+        index,
+    }
+}
+
+fn flip(bytes: &[u8], pos: usize, xor: u8) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let p = pos % b.len();
+    b[p] ^= xor;
+    b
+}
+
+#[test]
+fn tampering_any_chunk_byte_is_corrupt_exhaustive() {
+    for encrypted in [true, false] {
+        let f = fixture(encrypted);
+        for pos in 0..f.chunk.bytes.len() {
+            for xor in [0x01, 0x80, 0xff] {
+                let e = f
+                    .repo
+                    .open_chunk(&f.chunk.id, &flip(&f.chunk.bytes, pos, xor))
+                    .unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Corrupt, "pos {pos} xor {xor}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn tampering_any_object_byte_is_corrupt(
+        encrypted in any::<bool>(),
+        which in 0..3usize,
+        pos in any::<usize>(),
+        xor in 1..=255u8,
+    ) {
+        let f = fixture(encrypted);
+        let key = match which {
+            0 => {
+                let h = f.chunk.id.to_hex();
+                format!("chunks/{}/{}", &h[..2], h)
+            }
+            1 => {
+                let h = f.index.to_hex();
+                format!("indexes/{}/{}", &h[..2], h)
+            }
+            _ => format!("snapshots/{}", f.snapshot),
+        };
+        let original = f.mem.get(&key).unwrap();
+        f.mem.overwrite(&key, flip(&original, pos, xor));
+        let kind = match which {
+            0 => f.repo.load_chunk(&f.chunk.id).map(drop),
+            1 => f.repo.load_index(&f.index).map(drop),
+            _ => f.repo.load_snapshot(&f.snapshot).map(drop),
+        }
+        .unwrap_err()
+        .kind();
+        prop_assert_eq!(kind, ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn tampering_any_config_byte_never_opens_a_different_config(
+        pos in any::<usize>(),
+        xor in 1..=255u8,
+    ) {
+        let (mem, repo) = mem_repo(true);
+        let original = mem.get("config").unwrap();
+        mem.overwrite("config", flip(&original, pos, xor));
+        match Repository::open(mem.clone(), Some(&password("pw"))) {
+            // Only formatting-neutral changes (whitespace) may still open.
+            Ok(r) => prop_assert_eq!(r.config(), repo.config()),
+            Err(e) => prop_assert!(matches!(
+                e.kind(),
+                ErrorKind::Corrupt | ErrorKind::NotARepository | ErrorKind::UnsupportedVersion
+            ), "{:?}", e.kind()),
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_as_objects_never_panic(
+        encrypted in any::<bool>(),
+        bytes in prop::collection::vec(any::<u8>(), 0..200),
+        header in any::<bool>(),
+    ) {
+        let f = fixture(encrypted);
+        let mut b = bytes;
+        if header {
+            let mut h = b"LBOB\x01\x01\x00\x00".to_vec();
+            h[6] = b.first().copied().unwrap_or(0) & 3;
+            h.extend(b);
+            b = h;
+        }
+        prop_assert!(f.repo.open_chunk(&f.chunk.id, &b).is_err());
+    }
+}
