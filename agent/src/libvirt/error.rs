@@ -126,14 +126,13 @@ impl std::error::Error for LibvirtError {
 /// through generic codes, those are recognised by message (verified against libvirt 9.0 /
 /// QEMU 7.2 in `agent/tests/libvirt.rs`).
 fn classify(err: &virt::error::Error) -> ErrorKind {
+    use virt::error::ErrorDomain;
     let msg = err.message();
     match err.code() {
         ErrorNumber::NoConnect | ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled => {
             ErrorKind::Connect
         }
-        ErrorNumber::Rpc | ErrorNumber::SystemError
-            if err.domain() == virt::error::ErrorDomain::Rpc =>
-        {
+        ErrorNumber::Rpc | ErrorNumber::SystemError if err.domain() == ErrorDomain::Rpc => {
             ErrorKind::Connect
         }
         ErrorNumber::NoDomain => ErrorKind::NoSuchDomain,
@@ -142,17 +141,25 @@ fn classify(err: &virt::error::Error) -> ErrorKind {
         | ErrorNumber::AgentCommandTimeout => ErrorKind::NoAgent,
         ErrorNumber::NoDomainCheckpoint => ErrorKind::NoSuchCheckpoint,
         ErrorNumber::CheckpointInconsistent => ErrorKind::CheckpointInconsistent,
+        // "domain is not running" (operation invalid), "cannot perform disk backup for
+        // inactive domain" (operation unsupported).
+        ErrorNumber::OperationInvalid | ErrorNumber::OperationUnsupported
+            if msg.contains("not running") || msg.contains("inactive domain") =>
+        {
+            ErrorKind::NotRunning
+        }
+        // "no job is active on the domain"
+        ErrorNumber::OperationInvalid if msg.contains("no job") => ErrorKind::NoJob,
+        // "cannot acquire state change lock (held by ...)": another job holds the domain.
+        ErrorNumber::OperationTimeout if msg.contains("lock") => ErrorKind::JobActive,
+        ErrorNumber::OperationInvalid if msg.contains("job") => ErrorKind::JobActive,
         ErrorNumber::NoSupport
         | ErrorNumber::OperationUnsupported
         | ErrorNumber::ArgumentUnsupported
         | ErrorNumber::ConfigUnsupported => ErrorKind::Unsupported,
+        // "domain moment cp1 already exists" (metadata), QEMU "Bitmap already exists: cp1"
+        // (a bitmap of that name is in the image but libvirt has no metadata for it).
         _ if msg.contains("already exists") => ErrorKind::CheckpointExists,
-        ErrorNumber::OperationInvalid if msg.contains("not running") => ErrorKind::NotRunning,
-        ErrorNumber::OperationInvalid | ErrorNumber::OperationTimeout
-            if msg.contains("job") || msg.contains("lock") =>
-        {
-            ErrorKind::JobActive
-        }
         _ => ErrorKind::Other,
     }
 }

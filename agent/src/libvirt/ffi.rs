@@ -8,7 +8,7 @@
 //! thread (`virt::error::Error::last_error`).
 #![allow(unsafe_code)]
 
-use std::ffi::{c_char, c_uint, CStr};
+use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::ptr;
 
 use virt::domain::Domain;
@@ -59,6 +59,38 @@ pub(super) fn backup_get_xml_desc(dom: &Domain) -> Result<String, Error> {
     let p = unsafe { sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0) };
     // SAFETY: libvirt returns null or a malloc'ed string owned by the caller.
     unsafe { take_string(p) }
+}
+
+/// `virDomainGetJobStats(dom, 0)`: the job type (`VIR_DOMAIN_JOB_NONE` = no job) and the
+/// `operation` parameter, if reported. (`virt` 0.4.3's `get_job_stats` builds a `Vec` from
+/// libvirt's allocation, which is undefined behaviour when no parameters are returned.)
+pub(super) fn job_stats(dom: &Domain) -> Result<(i32, Option<i32>), Error> {
+    let mut job_type: c_int = 0;
+    let mut params: sys::virTypedParameterPtr = ptr::null_mut();
+    let mut nparams: c_int = 0;
+    // SAFETY: `dom` is valid; the out-pointers point to live locals; on success libvirt sets
+    // `params` to an array of `nparams` typed parameters (or null) that we own.
+    check(unsafe {
+        sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut nparams, 0)
+    })?;
+    let mut op: c_int = 0;
+    let found = if params.is_null() {
+        0
+    } else {
+        // SAFETY: `params`/`nparams` are what libvirt returned; the name is a static C string;
+        // `op` is a live local.
+        unsafe {
+            sys::virTypedParamsGetInt(
+                params,
+                nparams,
+                sys::VIR_DOMAIN_JOB_OPERATION.as_ptr(),
+                &mut op,
+            )
+        }
+    };
+    // SAFETY: frees the array libvirt gave us (null-safe), exactly once.
+    unsafe { sys::virTypedParamsFree(params, nparams) };
+    Ok((job_type, (found == 1).then_some(op)))
 }
 
 /// `virDomainAbortJob(dom)`.
@@ -157,6 +189,9 @@ pub(super) fn checkpoint_create(
     // SAFETY: the returned reference (if any) is owned by us.
     unsafe { Checkpoint::from_raw(p) }
 }
+
+/// Flags for redefining a checkpoint from saved XML.
+pub(super) const CHECKPOINT_REDEFINE: c_uint = sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE;
 
 /// Flags for redefining a checkpoint from saved XML, checking its bitmaps exist in the images.
 pub(super) const CHECKPOINT_REDEFINE_VALIDATE: c_uint = sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE

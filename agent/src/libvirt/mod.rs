@@ -18,6 +18,7 @@ mod ffi;
 pub mod xml;
 
 use std::ffi::CString;
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -29,6 +30,9 @@ pub use xml::{
     BackupDisk, BackupJobDisk, BackupJobInfo, BackupSpec, CheckpointInfo, CheckpointSpec,
     DiskDevice, DiskInfo, DiskSource, DomainXmlInfo,
 };
+
+/// How long [`Dom::abort_job`] waits for libvirt to finish the aborted job.
+pub const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| {
@@ -150,6 +154,16 @@ pub enum JobKind {
     Backup,
     /// Another job (migration, save, dump, ...), by `virDomainJobOperation` number.
     Other(i32),
+}
+
+/// Whether [`Dom::redefine_checkpoint`] had libvirt check the bitmaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Redefined {
+    /// Running domain: libvirt verified every bitmap of the checkpoint exists and is usable.
+    Validated,
+    /// Shut-off domain: metadata recreated without checking the images.
+    Unvalidated,
 }
 
 /// A handle to one domain. `Send`: it can be moved to a blocking thread.
@@ -289,16 +303,24 @@ impl Dom {
             .map_err(|e| self.err(&format!("get XML of checkpoint {name}"), e))
     }
 
-    /// Recreates checkpoint metadata from saved XML (`REDEFINE | REDEFINE_VALIDATE`). For a
-    /// running domain libvirt checks the bitmaps exist in the images: a missing or broken
-    /// bitmap is [`ErrorKind::CheckpointInconsistent`]; metadata that already exists is
-    /// [`ErrorKind::CheckpointExists`]. Parents must be redefined before children.
-    pub fn redefine_checkpoint(&self, xml: &str) -> Result<()> {
+    /// Recreates checkpoint metadata from saved XML (`REDEFINE`). Redefining a checkpoint
+    /// that exists with the same XML succeeds (idempotent). On a running domain libvirt also
+    /// validates (`REDEFINE_VALIDATE`) that the bitmaps exist in the images: a missing or
+    /// broken bitmap is [`ErrorKind::CheckpointInconsistent`]. libvirt refuses validation for a
+    /// shut-off domain, so there the metadata is redefined unchecked
+    /// ([`Redefined::Unvalidated`]); check the bitmaps with `qemu-img info` instead. Parents
+    /// must be redefined before children.
+    pub fn redefine_checkpoint(&self, xml: &str) -> Result<Redefined> {
         let c = cstring("checkpoint XML", xml)?;
         let name = parse_checkpoint_xml(xml).map_or_else(|_| "?".to_owned(), |c| c.name);
-        ffi::checkpoint_create(&self.dom, &c, ffi::CHECKPOINT_REDEFINE_VALIDATE)
+        let (flags, outcome) = if self.is_active()? {
+            (ffi::CHECKPOINT_REDEFINE_VALIDATE, Redefined::Validated)
+        } else {
+            (ffi::CHECKPOINT_REDEFINE, Redefined::Unvalidated)
+        };
+        ffi::checkpoint_create(&self.dom, &c, flags)
             .map_err(|e| self.err(&format!("redefine checkpoint {name}"), e))?;
-        Ok(())
+        Ok(outcome)
     }
 
     /// Deletes a checkpoint. With `metadata_only` only libvirt's record goes, the bitmaps stay
@@ -318,6 +340,17 @@ impl Dom {
             Some(c) => Some(cstring("checkpoint XML", &checkpoint_xml(c)?)?),
             None => None,
         };
+        // libvirt would wait 30 s for the domain's job lock before failing; fail fast instead
+        // (a job starting between this check and the call still gets libvirt's error).
+        if let Some(job) = self.active_job()? {
+            return Err(LibvirtError::new(
+                ErrorKind::JobActive,
+                format!(
+                    "begin backup job (domain {}): a {job:?} job is already active",
+                    self.name
+                ),
+            ));
+        }
         ffi::backup_begin(&self.dom, &bx, cx.as_deref())
             .map_err(|e| self.err("begin backup job", e))
     }
@@ -338,7 +371,7 @@ impl Dom {
         if !self.is_active()? {
             return Ok(None);
         }
-        let stats = match self.dom.get_job_stats(0) {
+        let (job_type, operation) = match ffi::job_stats(&self.dom) {
             Ok(s) => s,
             Err(e) => {
                 let e = self.err("get job stats", e);
@@ -350,19 +383,35 @@ impl Dom {
                 };
             }
         };
-        if stats.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+        if job_type == sys::VIR_DOMAIN_JOB_NONE as i32 {
             return Ok(None);
         }
-        Ok(Some(match stats.operation {
+        Ok(Some(match operation {
             Some(op) if op == sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32 => JobKind::Backup,
             op => JobKind::Other(op.unwrap_or(0)),
         }))
     }
 
     /// Aborts the active job; for a pull backup this ends it: the NBD server stops, the
-    /// fleecing state is dropped and libvirt deletes the scratch files. No job →
-    /// [`ErrorKind::NoJob`].
+    /// fleecing state is dropped and libvirt deletes the scratch files. libvirt returns before
+    /// the job is gone, so this waits until no job is active (at most [`ABORT_TIMEOUT`]; then
+    /// [`ErrorKind::JobActive`]). No job → [`ErrorKind::NoJob`].
     pub fn abort_job(&self) -> Result<()> {
-        ffi::abort_job(&self.dom).map_err(|e| self.err("abort job", e))
+        ffi::abort_job(&self.dom).map_err(|e| self.err("abort job", e))?;
+        let start = Instant::now();
+        while self.active_job()?.is_some() {
+            if start.elapsed() > ABORT_TIMEOUT {
+                return Err(LibvirtError::new(
+                    ErrorKind::JobActive,
+                    format!(
+                        "job of domain {} still active {}s after abort",
+                        self.name,
+                        ABORT_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 }
