@@ -211,11 +211,8 @@ pub async fn create_image(
 ) -> Result<()> {
     let mut args = os(&[&"create", &"-q", &"-f", &format]);
     if !options.is_empty() {
-        for (k, v) in options {
-            if k.contains([',', '=']) {
-                return Err(Error::invalid(format!("bad qemu-img option name {k:?}")));
-            }
-            let _ = v;
+        if let Some((k, _)) = options.iter().find(|(k, _)| k.contains([',', '='])) {
+            return Err(Error::invalid(format!("bad qemu-img option name {k:?}")));
         }
         // qemu option syntax escapes a literal comma in a value by doubling it.
         let o: Vec<String> = options
