@@ -486,6 +486,14 @@ fn pull_backup_full_then_incremental_with_checkpoint_redefine() -> Result<()> {
 }
 
 #[test]
+fn unreachable_libvirtd_is_a_connect_error() {
+    let e =
+        Hypervisor::connect("qemu+unix:///system?socket=/nonexistent/libvirt-sock").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Connect, "{e:?}");
+    assert!(std::error::Error::source(&e).is_some());
+}
+
+#[test]
 fn guest_agent_calls_without_agent_fail_fast_with_no_agent() -> Result<()> {
     let hv = hypervisor();
     let (td, dom) = TestDomain::define(&hv, "noagent", 1)?;

@@ -442,6 +442,7 @@ pub fn checkpoint_xml(spec: &CheckpointSpec) -> Result<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
 
