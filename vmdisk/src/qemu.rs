@@ -268,15 +268,17 @@ pub struct QemuNbdOptions {
     pub stop_timeout: Duration,
 }
 
-impl QemuNbdOptions {
-    /// Read-only export of `image` in `format`, socket in `socket_dir`, defaults elsewhere.
-    pub fn new(image: impl Into<PathBuf>, format: &str, socket_dir: impl Into<PathBuf>) -> Self {
+impl Default for QemuNbdOptions {
+    /// No image (set `image` and `format`), read-only, no bitmap, socket in the system
+    /// temporary directory, 8 connections, not persistent, qemu's cache/discard/zero
+    /// defaults, 10 s startup and 5 s stop timeouts.
+    fn default() -> Self {
         QemuNbdOptions {
-            image: image.into(),
-            format: format.to_owned(),
+            image: PathBuf::new(),
+            format: "raw".to_owned(),
             read_only: true,
             bitmap: None,
-            socket_dir: socket_dir.into(),
+            socket_dir: std::env::temp_dir(),
             shared: 8,
             persistent: false,
             cache: None,
@@ -284,6 +286,18 @@ impl QemuNbdOptions {
             detect_zeroes: None,
             startup_timeout: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl QemuNbdOptions {
+    /// Read-only export of `image` in `format`, socket in `socket_dir`, defaults elsewhere.
+    pub fn new(image: impl Into<PathBuf>, format: &str, socket_dir: impl Into<PathBuf>) -> Self {
+        QemuNbdOptions {
+            image: image.into(),
+            format: format.to_owned(),
+            socket_dir: socket_dir.into(),
+            ..QemuNbdOptions::default()
         }
     }
 }
@@ -311,6 +325,9 @@ impl QemuNbd {
     /// Starts `qemu-nbd` and waits until it listens. A failure (image locked by a running
     /// VM, bad bitmap name, ...) is an [`ErrorKind::Process`] error with qemu-nbd's stderr.
     pub async fn start(opts: QemuNbdOptions) -> Result<QemuNbd> {
+        if opts.image.as_os_str().is_empty() || opts.format.is_empty() {
+            return Err(Error::invalid("QemuNbdOptions needs an image and a format"));
+        }
         let n = SOCKET_COUNTER.fetch_add(1, Ordering::Relaxed);
         let base = format!("qemu-nbd-{}-{n}", std::process::id());
         let socket = opts.socket_dir.join(format!("{base}.sock"));
