@@ -11,7 +11,15 @@
 //!   `qemu:dirty-bitmap:backup-<target>`; a full backup exposes no dirty-bitmap context;
 //! - a checkpoint's persistent bitmap in each qcow2 image is named after the checkpoint, so for
 //!   a shut-off domain the same data is reachable with `qemu-nbd -B <checkpoint name>`;
-//! - [`Dom::abort_job`] ends the job: NBD server stopped, scratch files deleted.
+//! - [`Dom::abort_job`] ends the job: NBD server stopped, scratch files deleted;
+//! - QEMU (user `libvirt-qemu`) creates the NBD socket, so its directory must be writable by
+//!   that user (e.g. `/run/lifeboat/<job>/` chowned to it); scratch files may live in a
+//!   root-owned 0755 directory (libvirt creates and labels them);
+//! - a second `backup_begin` while a job runs would block 30 s on libvirt's job lock, so it is
+//!   refused up front with [`ErrorKind::JobActive`];
+//! - a checkpoint name whose bitmap is still in the image (metadata deleted with
+//!   `metadata_only`) cannot be reused: [`ErrorKind::CheckpointExists`] ("Bitmap already
+//!   exists"); redefine it instead.
 
 mod error;
 mod ffi;
