@@ -421,6 +421,18 @@ impl Repository {
         Ok(ids)
     }
 
+    /// Every stored index id (keys under `indexes/` that are not index names are skipped).
+    pub fn list_indexes(&self) -> Result<Vec<IndexId>> {
+        let mut ids: Vec<IndexId> = self
+            .backend
+            .list(magic::PREFIX_INDEXES)?
+            .iter()
+            .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     /// Seals and stores a disk index; returns its id (storing an existing index is a no-op).
     pub fn store_index(&self, index: &DiskIndex) -> Result<IndexId> {
         let plain = index.encode()?;

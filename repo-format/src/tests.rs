@@ -638,3 +638,31 @@ proptest! {
         prop_assert!(f.repo.open_chunk(&f.chunk.id, &b).is_err());
     }
 }
+
+#[test]
+fn repository_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Repository>();
+    assert_send_sync::<Arc<dyn Backend>>();
+
+    let (_, repo) = mem_repo(true);
+    let repo = Arc::new(repo);
+    let handles: Vec<_> = (0..4u8)
+        .map(|t| {
+            let repo = repo.clone();
+            std::thread::spawn(move || {
+                let sealed = repo.seal_chunk(&chunk_data(t % 2)).unwrap();
+                repo.store_chunk(&sealed).unwrap();
+                sealed.id
+            })
+        })
+        .collect();
+    let ids: Vec<ChunkId> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(ids[0], ids[2]);
+    assert_eq!(repo.list_chunks().unwrap().len(), 2);
+    for id in ids {
+        repo.load_chunk(&id).unwrap();
+    }
+    backup(&repo, "x", "2024-01-01T00:00:00Z", 1);
+    assert_eq!(repo.list_indexes().unwrap().len(), 1);
+}
