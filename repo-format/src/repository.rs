@@ -164,13 +164,20 @@ impl Repository {
             config,
             keys,
         };
-        if let Encryption::Encrypted { secret, kdf } = &opts.encryption {
-            repo.add_key(secret, *kdf, "initial key")?;
-        }
+        let first_slot = match &opts.encryption {
+            Encryption::Encrypted { secret, kdf } => {
+                Some(repo.add_key(secret, *kdf, "initial key")?)
+            }
+            Encryption::None => None,
+        };
         let json = serde_json::to_vec_pretty(&repo.config).map_err(|e| {
             Error::with_source(ErrorKind::InvalidArgument, "cannot encode config", e)
         })?;
         if !repo.backend.put_if_absent(magic::KEY_CONFIG, &json)? {
+            if let Some(slot) = first_slot {
+                // Best effort: an orphan slot is harmless (its key fails the config MAC).
+                let _ = repo.backend.delete(&key_slot_key(&slot));
+            }
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 "a repository was initialised here concurrently",
@@ -203,17 +210,15 @@ impl Repository {
                         "the repository is encrypted: a passphrase or key file is required",
                     ));
                 };
-                let keys = Self::unlock(backend.as_ref(), secret)?;
-                let expected = config.mac.as_deref().unwrap_or_default();
-                let ok = hex::decode(expected)
-                    .ok()
+                let expected = config
+                    .mac
+                    .as_deref()
+                    .and_then(|m| hex::decode(m).ok())
                     .and_then(|m| <[u8; 32]>::try_from(m).ok())
-                    .is_some_and(|m| keys.mac(&canonical) == blake3::Hash::from_bytes(m));
-                if !ok {
-                    return Err(Error::corrupt(
-                        "object config is corrupt: its MAC does not verify (tampered config)",
-                    ));
-                }
+                    .map(blake3::Hash::from_bytes);
+                let keys = Self::unlock(backend.as_ref(), secret, |k| {
+                    expected.is_some_and(|m| k.mac(&canonical) == m)
+                })?;
                 Some(keys)
             }
         };
@@ -224,21 +229,36 @@ impl Repository {
         })
     }
 
-    fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<Keys> {
+    /// Finds a key slot that opens with `secret` and yields a master key under which the config
+    /// MAC verifies (`config_ok`). A slot that opens but fails the MAC (e.g. an orphan left by a
+    /// lost `init` race) is passed over; if only such slots open, the config is corrupt.
+    fn unlock(
+        backend: &dyn Backend,
+        secret: &Secret,
+        config_ok: impl Fn(&Keys) -> bool,
+    ) -> Result<Keys> {
         let mut slots = backend.list(magic::PREFIX_KEYS)?;
         slots.sort();
         let mut skipped = 0usize;
+        let mut bad_mac = 0usize;
         for key in &slots {
             let parsed = backend
                 .get(key)
                 .and_then(|b| KeySlot::parse(&b, key))
                 .and_then(|s| s.unwrap_key(secret, key));
             match parsed {
-                Ok(Some(keys)) => return Ok(keys),
+                Ok(Some(keys)) if config_ok(&keys) => return Ok(keys),
+                Ok(Some(_)) => bad_mac += 1,
                 Ok(None) => {}
                 // A damaged or newer slot must not lock the user out of the other slots.
                 Err(_) => skipped += 1,
             }
+        }
+        if bad_mac > 0 {
+            return Err(Error::corrupt(
+                "object config is corrupt: its MAC does not verify under the unlocked key \
+                 (tampered config)",
+            ));
         }
         let mut msg = format!(
             "no key slot opens with the given {} ({} slot(s) tried",

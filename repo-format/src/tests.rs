@@ -666,3 +666,24 @@ fn repository_is_shareable_across_threads() {
     backup(&repo, "x", "2024-01-01T00:00:00Z", 1);
     assert_eq!(repo.list_indexes().unwrap().len(), 1);
 }
+
+#[test]
+fn orphan_key_slot_with_same_password_is_passed_over() {
+    // E.g. left behind by the loser of two concurrent `init`s.
+    let (mem, repo) = mem_repo(true);
+    let (other, _) = mem_repo(true);
+    let orphan = other
+        .keys()
+        .into_iter()
+        .find(|k| k.starts_with("keys/"))
+        .unwrap();
+    mem.overwrite(
+        &format!("keys/{}", "0".repeat(64)),
+        other.get(&orphan).unwrap(),
+    );
+    let r = Repository::open(mem.clone(), Some(&password("pw"))).unwrap();
+    assert_eq!(r.id(), repo.id());
+    let sealed = repo.seal_chunk(b"x").unwrap();
+    repo.store_chunk(&sealed).unwrap();
+    assert_eq!(r.load_chunk(&sealed.id).unwrap(), b"x");
+}
