@@ -201,6 +201,24 @@ done
 if [ -z "$port" ]; then
     echo "lifeboat-guest: no virtio-serial port named org.qemu.guest_agent.0"
 fi
+# Extra agents for tests that talk to qemu-ga directly (guest-quiesce's unix socket transport):
+# one per port named org.lifeboat.qga.*, each with its own pid file and state directory.
+for f in /sys/class/virtio-ports/*/name; do
+    [ -r "$f" ] || continue
+    case $(cat "$f") in
+        org.lifeboat.qga.*)
+            d=${f%/name}
+            p=/dev/${d##*/}
+            mkdir -p "/run/qga-${d##*/}"
+            (while :; do
+                qemu-ga -m virtio-serial -p "$p" -t "/run/qga-${d##*/}" -f "/run/qga-${d##*/}.pid" \
+                    -l "/var/log/qemu-ga-${d##*/}.log"
+                sleep 1
+            done) &
+            echo "lifeboat-guest: extra agent on $p"
+            ;;
+    esac
+done
 echo "LIFEBOAT-GUEST-READY agent-port=$port"
 while [ -n "$port" ]; do
     qemu-ga -m virtio-serial -p "$port" -t /run -l /var/log/qemu-ga.log
@@ -240,4 +258,7 @@ chmod 0755 "$DEST.tmp"
 touch "$DEST.tmp/done"
 mv "$DEST.tmp" "$DEST"
 log "built $DEST ($(du -h "$DEST/initrd.img" | cut -f1) initrd)"
+# Drop builds for other inputs that nobody has used for two days.
+find "$CACHE_ROOT" -mindepth 1 -maxdepth 1 -type d ! -name "$KEY" ! -name '.*' -mtime +2 \
+    -exec rm -rf {} + 2>/dev/null || true
 finish

@@ -24,4 +24,4 @@ pub use env::{
 };
 pub use ext4::{check_ext4, image_format, read_file_from_ext4};
 pub use slots::{acquire_slot, GuestSlot};
-pub use vm::{remove_domain, DiskSpec, ExecOutput, TestVm, VirshTransport};
+pub use vm::{remove_domain, DiskSpec, ExecOutput, TestVm, VirshTransport, VmOptions};

@@ -52,6 +52,32 @@ impl DiskSpec {
     }
 }
 
+/// Options of [`TestVm::create_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOptions {
+    /// libvirt URI (default `qemu:///system`).
+    pub uri: String,
+    /// Disks.
+    pub disks: Vec<DiskSpec>,
+    /// Guest memory in MiB (default 384).
+    pub memory_mib: u64,
+    /// Also expose a second qemu-ga on a unix socket at [`TestVm::direct_agent_socket`]
+    /// (virtio-serial port `org.lifeboat.qga.direct`), for talking to the agent without
+    /// libvirt (guest-quiesce's `UnixSocketTransport`).
+    pub direct_agent: bool,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            uri: SYSTEM_URI.to_owned(),
+            disks: Vec::new(),
+            memory_mib: 384,
+            direct_agent: false,
+        }
+    }
+}
+
 /// Output of [`TestVm::exec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -141,6 +167,8 @@ pub struct TestVm {
     pub uri: String,
     /// Disks as created.
     pub disks: Vec<DiskSpec>,
+    /// Options it was created with.
+    pub options: VmOptions,
     /// Kernel and initrd booted.
     pub guest: GuestFiles,
     agent: Agent<VirshTransport>,
@@ -160,11 +188,31 @@ impl TestVm {
     /// Creates the disks and defines (does not start) a test domain. Blocks while all guest
     /// slots are taken.
     pub fn create(name_prefix: &str, disks: &[DiskSpec]) -> Result<TestVm> {
-        Self::create_on(SYSTEM_URI, name_prefix, disks)
+        Self::create_with(
+            name_prefix,
+            &VmOptions {
+                disks: disks.to_vec(),
+                ..VmOptions::default()
+            },
+        )
     }
 
     /// Like [`TestVm::create`] on the libvirt at `uri` (e.g. a second host).
     pub fn create_on(uri: &str, name_prefix: &str, disks: &[DiskSpec]) -> Result<TestVm> {
+        Self::create_with(
+            name_prefix,
+            &VmOptions {
+                uri: uri.to_owned(),
+                disks: disks.to_vec(),
+                ..VmOptions::default()
+            },
+        )
+    }
+
+    /// Like [`TestVm::create`] with all options.
+    pub fn create_with(name_prefix: &str, options: &VmOptions) -> Result<TestVm> {
+        let uri = options.uri.as_str();
+        let disks = options.disks.as_slice();
         ensure_libvirt()?;
         let guest = test_guest()?;
         if !valid_name_part(name_prefix) {
@@ -192,6 +240,7 @@ impl TestVm {
             dir,
             uri: uri.to_owned(),
             disks: disks.to_vec(),
+            options: options.clone(),
             guest,
             started: Mutex::new(None),
             _slot: slot,
@@ -274,10 +323,18 @@ impl TestVm {
                 t = d.target,
             ));
         }
+        let direct = if self.options.direct_agent {
+            format!(
+                "    <channel type='unix'>\n      <source mode='bind' path='{}'/>\n      <target type='virtio' name='org.lifeboat.qga.direct'/>\n    </channel>\n",
+                esc(&self.direct_agent_socket())
+            )
+        } else {
+            String::new()
+        };
         Ok(format!(
             "<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>384</memory>
+  <memory unit='MiB'>{mem}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -300,12 +357,13 @@ impl TestVm {
       <source mode='bind'/>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
-    <video><model type='none'/></video>
+{direct}    <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
 </domain>
 ",
             name = self.name,
+            mem = self.options.memory_mib,
             kernel = esc(&self.guest.kernel),
             initrd = esc(&self.guest.initrd),
             console = esc(&self.console_path()),
@@ -321,6 +379,11 @@ impl TestVm {
             .map(|d| d.format.as_str())
             .unwrap_or("img");
         self.dir.join(format!("{target}.{fmt}"))
+    }
+
+    /// Unix socket of the direct agent ([`VmOptions::direct_agent`]).
+    pub fn direct_agent_socket(&self) -> PathBuf {
+        self.dir.join("qga-direct.sock")
     }
 
     /// Path of the serial console log.

@@ -108,3 +108,52 @@ fn freeze_thaw_and_exec_through_guest_quiesce() -> Result<()> {
     );
     Ok(())
 }
+
+/// guest-quiesce's own unix socket transport against a real qemu-ga (a second agent on its own
+/// virtio-serial port, since libvirt owns the standard one), including resync after a timeout.
+#[test]
+fn unix_socket_transport_against_real_agent() -> Result<()> {
+    use guest_quiesce::protocol::GuestExecStatus;
+    use guest_quiesce::UnixSocketTransport;
+    use lifeboat_e2e::VmOptions;
+
+    let vm = TestVm::create_with(
+        "qgasock",
+        &VmOptions {
+            disks: vec![DiskSpec::ext4("vdb", "raw", 32)],
+            direct_agent: true,
+            ..VmOptions::default()
+        },
+    )?;
+    vm.start()?;
+    vm.wait_agent(Duration::from_secs(120))?;
+    let agent =
+        Agent::new(UnixSocketTransport::new(vm.direct_agent_socket())).with_timeout_scale(3.0);
+    lifeboat_e2e::wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        Ok(agent.ping().is_ok().then_some(()))
+    })
+    .context("direct agent did not answer")?;
+    ensure!(agent.info()?.version.starts_with(char::is_numeric));
+    let r = agent.exec(
+        "/bin/sh",
+        &["-c", "echo direct; exit 5"],
+        Duration::from_secs(60),
+    )?;
+    ensure!(r.exit_code == Some(5) && r.stdout == b"direct\n", "{r:?}");
+
+    // An exec that outlives its timeout, then a socket-level timeout; afterwards the
+    // transport reconnects and resyncs.
+    let e = agent
+        .exec("/bin/sleep", &["3"], Duration::from_millis(300))
+        .expect_err("exec must time out");
+    ensure!(e.is_timeout(), "{e}");
+    // Timeout on the socket itself: an absurdly short per-call timeout.
+    let _ = agent.call_timeout(&GuestExecStatus { pid: 1 }, Duration::from_millis(1));
+    agent.ping()?;
+
+    ensure!(agent.freeze(None)? == 1);
+    ensure!(agent.freeze_status()? == FreezeStatus::Frozen);
+    ensure!(agent.thaw()? == 1);
+    ensure!(agent.freeze_status()? == FreezeStatus::Thawed);
+    Ok(())
+}
