@@ -107,8 +107,22 @@ impl KeyFile {
     /// Minimum number of secret bytes in a key file.
     pub const MIN_SECRET_LEN: usize = 32;
 
-    /// Generates a new key file with 32 random bytes. Write [`KeyFile::to_text`] to disk.
-    pub fn generate() -> Result<KeyFile> {
+    /// Generates a new key file (32 random bytes) and returns its text content, ready to be
+    /// written to a file (see [`KeyFile::to_text`] for the format).
+    ///
+    /// # Panics
+    ///
+    /// If the operating system cannot provide random bytes; use [`KeyFile::try_generate`] to
+    /// get that as an error.
+    pub fn generate() -> String {
+        match Self::try_generate() {
+            Ok(kf) => kf.to_text(),
+            Err(e) => panic!("cannot generate a key file: {e}"),
+        }
+    }
+
+    /// Generates a new key file with 32 random bytes.
+    pub fn try_generate() -> Result<KeyFile> {
         let mut secret = vec![0u8; 32];
         random_bytes(&mut secret)?;
         Ok(KeyFile { secret })
@@ -415,7 +429,7 @@ mod tests {
 
     #[test]
     fn key_file_text_round_trip() {
-        let kf = KeyFile::generate().unwrap();
+        let kf = KeyFile::try_generate().unwrap();
         let text = kf.to_text();
         assert!(text.starts_with(magic::KEYFILE_HEADER));
         assert_eq!(KeyFile::parse(&text).unwrap(), kf);
@@ -435,7 +449,7 @@ mod tests {
         assert_eq!(got.master, keys.master);
         let wrong = Secret::Password("hunter3".into());
         assert!(slot.unwrap_key(&wrong, "s").unwrap().is_none());
-        let kf = Secret::KeyFile(KeyFile::generate().unwrap());
+        let kf = Secret::KeyFile(KeyFile::try_generate().unwrap());
         assert!(slot.unwrap_key(&kf, "s").unwrap().is_none());
         let slot2 = keys.wrap(&kf, CHEAP, "host", "").unwrap();
         assert!(slot2.kdf.is_none());

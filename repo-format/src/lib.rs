@@ -37,7 +37,7 @@
 //!     backend.clone(),
 //!     InitOptions::new(Encryption::Encrypted { secret: secret.clone(), kdf }),
 //! )?;
-//! let sealed = repo.seal_chunk(b"some disk data")?;
+//! let sealed = repo.seal_chunk(b"some disk data");
 //! repo.store_chunk(&sealed)?;
 //!
 //! let repo = Repository::open(backend, Some(&secret))?;
@@ -60,6 +60,7 @@ mod manifest;
 mod object;
 mod repository;
 
+pub use backend::{Backend, FaultyBackend, LocalBackend, MemoryBackend};
 pub use config::{validate_chunk_size, Config, EncryptionScheme};
 pub use crypto::{KdfParams, KeyFile, KeySlotKind, Secret};
 pub use error::{BoxError, Error, ErrorKind, Result};

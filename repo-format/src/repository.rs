@@ -368,9 +368,23 @@ impl Repository {
         ChunkId::from_bytes(object::object_hash(self.keys.as_ref(), data))
     }
 
-    /// Hashes, compresses and encrypts a chunk. No I/O. Fails only if the operating system
-    /// cannot provide a random nonce or the chunk exceeds the chunk size.
-    pub fn seal_chunk(&self, data: &[u8]) -> Result<SealedChunk> {
+    /// Hashes, compresses and encrypts a chunk. No I/O.
+    ///
+    /// # Panics
+    ///
+    /// If `data` is longer than the chunk size (a caller bug: such a chunk could never be
+    /// opened) or the operating system cannot provide random bytes for the nonce. Use
+    /// [`Repository::try_seal_chunk`] to get these as errors.
+    pub fn seal_chunk(&self, data: &[u8]) -> SealedChunk {
+        match self.try_seal_chunk(data) {
+            Ok(sealed) => sealed,
+            Err(e) => panic!("cannot seal chunk: {e}"),
+        }
+    }
+
+    /// Like [`Repository::seal_chunk`], but returns [`ErrorKind::InvalidArgument`] for a chunk
+    /// longer than the chunk size and [`ErrorKind::Io`] if no random nonce is available.
+    pub fn try_seal_chunk(&self, data: &[u8]) -> Result<SealedChunk> {
         if data.len() > self.chunk_limit() {
             return Err(Error::invalid(format!(
                 "chunk of {} bytes exceeds the chunk size {}",

@@ -52,7 +52,7 @@ fn backup(repo: &Repository, name: &str, at: &str, seed: u8) -> SnapshotId {
         if i == 2 {
             data.truncate(CHUNK as usize - 100);
         }
-        let sealed = repo.seal_chunk(&data).unwrap();
+        let sealed = repo.try_seal_chunk(&data).unwrap();
         repo.store_chunk(&sealed).unwrap();
         index.entries[i] = Some(sealed.id);
     }
@@ -108,7 +108,7 @@ fn round_trip_encrypted_and_not() {
             .all(|b| *b == 0));
         assert_eq!(repo.list_chunks().unwrap().len(), 2);
         // Identical data deduplicates: same id, second store is a no-op.
-        let sealed = repo.seal_chunk(&chunk_data(3)).unwrap();
+        let sealed = repo.try_seal_chunk(&chunk_data(3)).unwrap();
         assert!(!repo.store_chunk(&sealed).unwrap());
         assert!(repo.has_chunk(&sealed.id).unwrap());
         assert_eq!(repo.chunk_id(&chunk_data(3)), sealed.id);
@@ -149,7 +149,7 @@ fn local_backend_round_trip() {
 #[test]
 fn wrong_or_missing_secret_is_wrong_key() {
     let (mem, _repo) = mem_repo(true);
-    let kf = Secret::KeyFile(KeyFile::generate().unwrap());
+    let kf = Secret::KeyFile(KeyFile::try_generate().unwrap());
     for secret in [Some(&password("nope")), Some(&kf), None] {
         let e = Repository::open(mem.clone(), secret).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::WrongKey, "{e}");
@@ -159,7 +159,7 @@ fn wrong_or_missing_secret_is_wrong_key() {
 #[test]
 fn password_and_key_file_slots_both_open() {
     let (mem, repo) = mem_repo(true);
-    let kf = KeyFile::generate().unwrap();
+    let kf = KeyFile::try_generate().unwrap();
     let kf = KeyFile::parse(&kf.to_text()).unwrap();
     let kf_slot = repo
         .add_key(&Secret::KeyFile(kf.clone()), CHEAP, "backup key file")
@@ -287,8 +287,8 @@ fn tampered_config_chunk_size_is_corrupt() {
 fn object_swap_is_corrupt() {
     for encrypted in [true, false] {
         let (mem, repo) = mem_repo(encrypted);
-        let a = repo.seal_chunk(&chunk_data(1)).unwrap();
-        let b = repo.seal_chunk(&chunk_data(2)).unwrap();
+        let a = repo.try_seal_chunk(&chunk_data(1)).unwrap();
+        let b = repo.try_seal_chunk(&chunk_data(2)).unwrap();
         repo.store_chunk(&a).unwrap();
         repo.store_chunk(&b).unwrap();
         let key_b = mem
@@ -330,7 +330,7 @@ fn truncated_objects_are_corrupt() {
     for encrypted in [true, false] {
         let (_, repo) = mem_repo(encrypted);
         let data = b"short chunk, compressible compressible compressible".repeat(20);
-        let sealed = repo.seal_chunk(&data).unwrap();
+        let sealed = repo.try_seal_chunk(&data).unwrap();
         for len in 0..sealed.bytes.len() {
             let e = repo
                 .open_chunk(&sealed.id, &sealed.bytes[..len])
@@ -398,7 +398,7 @@ fn interrupted_backup_is_not_listed() {
     let faulty = Arc::new(FaultyBackend::new(mem.clone()));
     let repo = init(faulty.clone(), true);
     // Chunks and index written, manifest never written.
-    let sealed = repo.seal_chunk(&chunk_data(4)).unwrap();
+    let sealed = repo.try_seal_chunk(&chunk_data(4)).unwrap();
     repo.store_chunk(&sealed).unwrap();
     let mut index = DiskIndex::new_sparse(CHUNK, u64::from(CHUNK)).unwrap();
     index.entries[0] = Some(sealed.id);
@@ -533,7 +533,7 @@ struct Fixture {
 fn fixture(encrypted: bool) -> Fixture {
     let (mem, repo) = mem_repo(encrypted);
     let data = b"tamper me ".repeat(500);
-    let chunk = repo.seal_chunk(&data).unwrap();
+    let chunk = repo.try_seal_chunk(&data).unwrap();
     repo.store_chunk(&chunk).unwrap();
     let snapshot = backup(&repo, "vm", "2024-05-01T10:00:00Z", 11);
     let index = repo.load_snapshot(&snapshot).unwrap().disks[0].index;
@@ -651,7 +651,7 @@ fn repository_is_shareable_across_threads() {
         .map(|t| {
             let repo = repo.clone();
             std::thread::spawn(move || {
-                let sealed = repo.seal_chunk(&chunk_data(t % 2)).unwrap();
+                let sealed = repo.try_seal_chunk(&chunk_data(t % 2)).unwrap();
                 repo.store_chunk(&sealed).unwrap();
                 sealed.id
             })
@@ -683,7 +683,26 @@ fn orphan_key_slot_with_same_password_is_passed_over() {
     );
     let r = Repository::open(mem.clone(), Some(&password("pw"))).unwrap();
     assert_eq!(r.id(), repo.id());
-    let sealed = repo.seal_chunk(b"x").unwrap();
+    let sealed = repo.try_seal_chunk(b"x").unwrap();
     repo.store_chunk(&sealed).unwrap();
     assert_eq!(r.load_chunk(&sealed.id).unwrap(), b"x");
+}
+
+#[test]
+fn seal_chunk_and_key_file_text_apis() {
+    let (_, repo) = mem_repo(true);
+    let sealed = repo.seal_chunk(&chunk_data(1));
+    assert_eq!(
+        repo.open_chunk(&sealed.id, &sealed.bytes).unwrap(),
+        chunk_data(1)
+    );
+    let too_big = vec![1u8; CHUNK as usize + 1];
+    assert_eq!(
+        repo.try_seal_chunk(&too_big).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    let text = KeyFile::generate();
+    let kf = KeyFile::parse(&text).unwrap();
+    let slot = repo.add_key(&Secret::KeyFile(kf), CHEAP, "").unwrap();
+    assert!(repo.list_keys().unwrap().iter().any(|k| k.id == slot));
 }
