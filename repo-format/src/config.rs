@@ -97,7 +97,9 @@ impl Config {
         }
         let config: Config = serde_json::from_value(value.clone())
             .map_err(|e| Error::with_source(ErrorKind::Corrupt, "config is malformed", e))?;
-        validate_chunk_size(config.chunk_size).map_err(|e| e.wrap("config is corrupt"))?;
+        validate_chunk_size(config.chunk_size).map_err(|e| {
+            Error::with_source(ErrorKind::Corrupt, "config is corrupt: bad chunk size", e)
+        })?;
         if config.encryption == EncryptionScheme::XChaCha20Poly1305Blake3 && config.mac.is_none() {
             return Err(Error::corrupt(
                 "config of an encrypted repository has no mac",

@@ -213,6 +213,8 @@ impl Repository {
                 let expected = config
                     .mac
                     .as_deref()
+                    // Exactly the lower-case hex the writer produces: no alternative spellings.
+                    .filter(|m| m.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
                     .and_then(|m| hex::decode(m).ok())
                     .and_then(|m| <[u8; 32]>::try_from(m).ok())
                     .map(blake3::Hash::from_bytes);

@@ -570,7 +570,7 @@ fn tampering_any_chunk_byte_is_corrupt_exhaustive() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn tampering_any_object_byte_is_corrupt(
@@ -705,4 +705,28 @@ fn seal_chunk_and_key_file_text_apis() {
     let kf = KeyFile::parse(&text).unwrap();
     let slot = repo.add_key(&Secret::KeyFile(kf), CHEAP, "").unwrap();
     assert!(repo.list_keys().unwrap().iter().any(|k| k.id == slot));
+}
+
+#[test]
+fn tampering_any_config_byte_exhaustive() {
+    let (mem, repo) = mem_repo(true);
+    let original = mem.get("config").unwrap();
+    for pos in 0..original.len() {
+        for xor in [0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80] {
+            mem.overwrite("config", flip(&original, pos, xor));
+            match Repository::open(mem.clone(), Some(&password("pw"))) {
+                Ok(r) => assert_eq!(r.config(), repo.config(), "pos {pos} xor {xor}"),
+                Err(e) => assert!(
+                    matches!(
+                        e.kind(),
+                        ErrorKind::Corrupt
+                            | ErrorKind::NotARepository
+                            | ErrorKind::UnsupportedVersion
+                    ),
+                    "pos {pos} xor {xor}: {:?} {e}",
+                    e.kind()
+                ),
+            }
+        }
+    }
 }
