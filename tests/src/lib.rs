@@ -7,6 +7,7 @@
 //! - [`TestVm`]: one isolated domain with [`DiskSpec`] disks; `exec`, `write_file`, freeze
 //!   status, shutdown; destroyed and undefined on drop. At most 2 guests run at once
 //!   (`LIFEBOAT_TEST_MAX_GUESTS`).
+//! - [`SecondHost`]: a second libvirtd in its own mount namespace (its own domains and state).
 //! - [`check_ext4`] / [`read_file_from_ext4`]: host-side checks of disk images.
 //!
 //! Tests need root and fail (never skip) with a message naming `scripts/install-deps.sh` when a
@@ -15,6 +16,7 @@
 mod cmd;
 mod env;
 mod ext4;
+mod second_host;
 mod slots;
 mod vm;
 
@@ -23,5 +25,6 @@ pub use env::{
     ensure_libvirt, require_root, test_guest, GuestFiles, DOMAIN_PREFIX, SYSTEM_URI, VM_ROOT,
 };
 pub use ext4::{check_ext4, image_format, read_file_from_ext4};
+pub use second_host::SecondHost;
 pub use slots::{acquire_slot, GuestSlot};
 pub use vm::{remove_domain, DiskSpec, ExecOutput, TestVm, VirshTransport, VmOptions};
