@@ -15,6 +15,11 @@ running() {
 }
 
 mkdir -p /run/libvirt /var/log/libvirt
+# Parallel test processes may call this at the same time: one starts the daemons, the others wait.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>/run/lifeboat-start-services.lock
+    flock -w "$timeout" 9 || { log "timed out waiting for /run/lifeboat-start-services.lock" >&2; exit 1; }
+fi
 
 if [ -S /run/libvirt/virtlogd-sock ] && running /run/virtlogd.pid; then
     :
