@@ -1,0 +1,235 @@
+//! Command-line interface definitions (clap). Parsing only: the commands live in `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Lifeboat: backups of KVM/libvirt virtual machines into an independent, encrypted repository.
+#[derive(Debug, Parser)]
+#[command(name = "lifeboat", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Options shared by all commands.
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by all commands.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Repository location (a directory).
+    #[arg(long, short = 'r', env = "LIFEBOAT_REPO", global = true)]
+    pub repo: Option<String>,
+    /// Read the repository passphrase from this file (first line). The passphrase may also come
+    /// from LIFEBOAT_PASSWORD.
+    #[arg(long, env = "LIFEBOAT_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Open the repository with a key file instead of a passphrase.
+    #[arg(long, env = "LIFEBOAT_KEY_FILE", global = true)]
+    pub key_file: Option<PathBuf>,
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v info, -vv debug, -vvv trace). LIFEBOAT_LOG overrides.
+    #[arg(long, short = 'v', action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No progress bar and no informational output.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+}
+
+/// Lifeboat's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Repository management.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// Back up a disk image file (qcow2 or raw) that no running VM is using.
+    BackupImage(BackupImageArgs),
+    /// List snapshots.
+    Snapshots(SnapshotsArgs),
+    /// Restore a snapshot's disks into a directory.
+    Restore(RestoreArgs),
+    /// Check the repository: every snapshot, index and (with --read-data) chunk.
+    Verify(VerifyArgs),
+}
+
+/// `lifeboat repo ...`
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Add a key slot (another passphrase or a key file) to the repository.
+    AddKey(AddKeyArgs),
+    /// Generate a new random key file (to use with `repo init --key-file` or `repo add-key`).
+    GenerateKeyFile(GenerateKeyFileArgs),
+}
+
+/// Encryption choices for a new repository.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum EncryptionArg {
+    /// XChaCha20-Poly1305 with keyed BLAKE3 chunk ids (the default).
+    Repokey,
+    /// No encryption and plain BLAKE3 ids: anyone with the storage reads the data.
+    None,
+}
+
+/// `lifeboat repo init`
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Repository location (overrides --repo).
+    pub location: Option<String>,
+    /// Encryption mode.
+    #[arg(long, value_enum, default_value = "repokey")]
+    pub encryption: EncryptionArg,
+    /// Chunk size: a power of two, a multiple of 64 KiB (e.g. 1M, 4M, 256K).
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub chunk_size: u64,
+    /// zstd compression level.
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
+}
+
+/// `lifeboat repo add-key`
+#[derive(Debug, Args)]
+pub struct AddKeyArgs {
+    /// Add this key file (made by `repo generate-key-file`) as a new key slot.
+    #[arg(long, conflicts_with = "new_password_file")]
+    pub new_key_file: Option<PathBuf>,
+    /// Add the passphrase in this file as a new key slot.
+    #[arg(long)]
+    pub new_password_file: Option<PathBuf>,
+    /// A label for the key slot.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+/// `lifeboat repo generate-key-file`
+#[derive(Debug, Args)]
+pub struct GenerateKeyFileArgs {
+    /// Where to write the key file (refuses to overwrite).
+    pub path: PathBuf,
+}
+
+/// Output image formats for restore.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// QEMU copy-on-write v2 (sparse, with the original cluster size and options when known).
+    Qcow2,
+    /// A sparse raw file.
+    Raw,
+}
+
+impl ImageFormat {
+    /// The qemu-img format name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+}
+
+/// `lifeboat backup-image`
+#[derive(Debug, Args)]
+pub struct BackupImageArgs {
+    /// The image file to back up.
+    pub file: PathBuf,
+    /// The name snapshots of this image are listed under (e.g. the VM's name).
+    #[arg(long)]
+    pub name: String,
+    /// The disk's name inside the snapshot (default: the file name without extension).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Image format (default: probed with qemu-img info).
+    #[arg(long, value_enum)]
+    pub format: Option<ImageFormat>,
+    /// Read the whole image even when change tracking would allow an incremental backup.
+    #[arg(long)]
+    pub full: bool,
+    /// Do not add a persistent dirty bitmap to a qcow2 image for the next incremental backup.
+    #[arg(long)]
+    pub no_track: bool,
+    /// A tag to attach to the snapshot (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+/// `lifeboat snapshots`
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    /// Only snapshots of this name.
+    pub name: Option<String>,
+}
+
+/// `lifeboat restore`
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot: an id prefix, NAME@latest or NAME@<time>.
+    pub snapshot: String,
+    /// Directory to restore into; each disk becomes DIR/<disk>.<format>.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Only this disk (repeatable).
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// Output format (default: the disk's original format).
+    #[arg(long, value_enum)]
+    pub format: Option<ImageFormat>,
+    /// Replace existing files at the target.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `lifeboat verify`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Also read, decrypt and hash every chunk the snapshots reference.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Only these snapshots (default: all).
+    pub snapshots: Vec<String>,
+}
+
+/// Parse sizes like `1M`, `64K`, `4MiB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 1M, 256K, 4MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' in '{s}'")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

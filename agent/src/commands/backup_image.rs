@@ -1,0 +1,401 @@
+//! `lifeboat backup-image FILE --name NAME`: back up a qcow2 or raw image that no VM is using.
+//!
+//! The image is exported read-only through `qemu-nbd` and read with our NBD client. Change
+//! tracking for qcow2: each backup adds a persistent dirty bitmap `lifeboat-<repo>-<token>` to the
+//! image *before* reading it and records the bitmap's name in the snapshot; the next backup exports
+//! the image with that bitmap and reads only the dirty extents, then removes it once the new
+//! snapshot is committed. Raw images have no bitmaps and are read in full (only allocated extents).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use repo_format::{
+    BackupMode, DiskEntry, DiskIndex, Manifest, Repository, SnapshotId, SnapshotKind,
+};
+use serde_json::json;
+use vmdisk::nbd::{Client, ConnectOptions};
+use vmdisk::qemu::{self, ImageInfo, QemuNbd, QemuNbdOptions};
+
+use super::{emit, human_bytes, mb_per_s};
+use crate::cli::{BackupImageArgs, GlobalOpts};
+use crate::error::{repo_err, Context, Error, ErrorKind, Result};
+use crate::pipeline::backup::{self, Mode, ALLOCATION_CONTEXT};
+use crate::pipeline::progress::Progress;
+use crate::repo::{self, blocking};
+
+/// Prefix of the persistent bitmaps Lifeboat adds to qcow2 images.
+pub const BITMAP_PREFIX: &str = "lifeboat-";
+
+/// NBD request timeout for local exports.
+pub const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Change-tracking decision for one disk.
+#[derive(Debug, Clone)]
+pub struct CbtPlan {
+    /// The bitmap to read dirty extents from (incremental), if any.
+    pub base_bitmap: Option<String>,
+    /// Why the backup is full, when it is.
+    pub full_reason: Option<String>,
+}
+
+/// The latest snapshot named `name`, if any.
+pub fn latest_of(repo: &Repository, name: &str) -> Result<Option<(SnapshotId, Manifest)>> {
+    let all = repo
+        .list_snapshots()
+        .map_err(|e| repo_err(e, "cannot list snapshots"))?;
+    Ok(all.into_iter().rfind(|(_, m)| m.name == name))
+}
+
+/// The bitmap name a disk entry recorded for the next incremental backup.
+pub fn recorded_bitmap(entry: &DiskEntry) -> Option<String> {
+    entry
+        .cbt
+        .as_ref()
+        .and_then(|c| c.get("bitmap"))
+        .and_then(|b| b.as_str())
+        .map(str::to_string)
+}
+
+/// Decide between full and incremental for a qcow2 image.
+pub fn plan_cbt(
+    info: &ImageInfo,
+    parent: Option<&DiskEntry>,
+    chunk_size: u32,
+    force_full: bool,
+) -> CbtPlan {
+    let full = |why: &str| CbtPlan {
+        base_bitmap: None,
+        full_reason: Some(why.to_string()),
+    };
+    if force_full {
+        return full("--full was given");
+    }
+    if info.format != "qcow2" {
+        return full("raw images carry no change tracking");
+    }
+    let Some(parent) = parent else {
+        return full("no previous snapshot of this disk");
+    };
+    let Some(bitmap) = recorded_bitmap(parent) else {
+        return full("the previous snapshot recorded no change-tracking bitmap");
+    };
+    if parent.virtual_size != info.virtual_size {
+        return full("the disk changed size since the previous snapshot");
+    }
+    if parent.chunk_size != chunk_size {
+        return full("the repository chunk size differs from the previous snapshot's");
+    }
+    let Some(b) = info.bitmaps.iter().find(|b| b.name == bitmap) else {
+        return full(&format!(
+            "bitmap '{bitmap}' of the previous snapshot is missing from the image"
+        ));
+    };
+    if b.flags.iter().any(|f| f == "inconsistent" || f == "in-use") {
+        return full(&format!(
+            "bitmap '{bitmap}' is marked {:?} (the image was not closed cleanly)",
+            b.flags
+        ));
+    }
+    CbtPlan {
+        base_bitmap: Some(bitmap),
+        full_reason: None,
+    }
+}
+
+fn new_bitmap_name(repo: &Repository) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let repo_id = repo.id().to_string();
+    let short = repo_id.get(..8).unwrap_or(&repo_id);
+    format!("{BITMAP_PREFIX}{short}-{:x}{:x}", nanos, std::process::id())
+}
+
+/// `lifeboat backup-image`
+pub async fn run(global: &GlobalOpts, args: BackupImageArgs) -> Result<()> {
+    let file = args.file.clone();
+    if !file.is_file() {
+        return Err(Error::new(
+            ErrorKind::Source,
+            format!("image '{}' does not exist or is not a file", file.display()),
+        ));
+    }
+    let repo = repo::open_async(global).await?;
+    let info = qemu::image_info(&file).await.ctx(ErrorKind::Source, || {
+        format!("cannot inspect image '{}'", file.display())
+    })?;
+    let format = match args.format {
+        Some(f) => f.as_str().to_string(),
+        None => info.format.clone(),
+    };
+    if format != "qcow2" && format != "raw" {
+        return Err(Error::new(
+            ErrorKind::Source,
+            format!(
+                "image '{}' is {format}: only qcow2 and raw are supported",
+                file.display()
+            ),
+        ));
+    }
+    let disk_name = args.disk.clone().unwrap_or_else(|| {
+        file.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk".into())
+    });
+
+    let name = args.name.clone();
+    let repo2 = repo.clone();
+    let parent = blocking(move || latest_of(&repo2, &name)).await?;
+    let parent_entry = parent
+        .as_ref()
+        .and_then(|(_, m)| m.disks.iter().find(|d| d.name == disk_name).cloned());
+    let plan = plan_cbt(&info, parent_entry.as_ref(), repo.chunk_size(), args.full);
+
+    // Remove our own stale bitmaps (from interrupted runs) so they do not accumulate.
+    let repo_id = repo.id().to_string();
+    let ours = format!("{BITMAP_PREFIX}{}", repo_id.get(..8).unwrap_or(&repo_id));
+    if format == "qcow2" {
+        for b in &info.bitmaps {
+            if b.name.starts_with(&ours) && Some(&b.name) != plan.base_bitmap.as_ref() {
+                tracing::info!(bitmap = %b.name, "removing a stale change-tracking bitmap");
+                qemu::bitmap_remove(&file, &b.name)
+                    .await
+                    .ctx(ErrorKind::Source, || {
+                        format!("cannot remove stale bitmap '{}'", b.name)
+                    })?;
+            }
+        }
+    }
+
+    let track = format == "qcow2" && !args.no_track && info.compat.as_deref() != Some("0.10");
+    let new_bitmap = track.then(|| new_bitmap_name(&repo));
+    if let Some(b) = &new_bitmap {
+        qemu::bitmap_add(&file, b)
+            .await
+            .ctx(ErrorKind::Source, || {
+                format!(
+                    "cannot add change-tracking bitmap '{b}' to '{}'",
+                    file.display()
+                )
+            })?;
+    }
+
+    let result = transfer(
+        global,
+        &args,
+        repo.clone(),
+        &file,
+        &format,
+        &info,
+        &disk_name,
+        &plan,
+        new_bitmap.as_deref(),
+        parent.as_ref().map(|(id, _)| *id),
+        parent_entry.as_ref(),
+    )
+    .await;
+
+    match result {
+        Ok((snap_id, stats_json, text)) => {
+            if let Some(old) = &plan.base_bitmap {
+                if let Err(e) = qemu::bitmap_remove(&file, old).await {
+                    tracing::warn!(bitmap = %old, error = %e, "could not remove the previous bitmap");
+                }
+            }
+            let mut j = stats_json;
+            j["snapshot"] = json!(snap_id.to_string());
+            emit(global, &j, &text);
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(b) = &new_bitmap {
+                if let Err(e2) = qemu::bitmap_remove(&file, b).await {
+                    tracing::warn!(bitmap = %b, error = %e2, "could not remove the new bitmap after a failure");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn transfer(
+    global: &GlobalOpts,
+    args: &BackupImageArgs,
+    repo: Arc<Repository>,
+    file: &Path,
+    format: &str,
+    info: &ImageInfo,
+    disk_name: &str,
+    plan: &CbtPlan,
+    new_bitmap: Option<&str>,
+    parent_id: Option<SnapshotId>,
+    parent_entry: Option<&DiskEntry>,
+) -> Result<(SnapshotId, serde_json::Value, String)> {
+    let socket_dir = tempfile::Builder::new()
+        .prefix("lifeboat-nbd-")
+        .tempdir()
+        .ctx(ErrorKind::Other, || {
+            "cannot create a socket directory".into()
+        })?;
+    let nbd = QemuNbd::start(QemuNbdOptions {
+        image: file.to_path_buf(),
+        format: format.to_string(),
+        read_only: true,
+        bitmap: plan.base_bitmap.clone(),
+        socket_dir: socket_dir.path().to_path_buf(),
+        ..QemuNbdOptions::default()
+    })
+    .await
+    .ctx(ErrorKind::Source, || {
+        format!("cannot export '{}' over NBD", file.display())
+    })?;
+
+    let mut contexts = vec![ALLOCATION_CONTEXT.to_string()];
+    let dirty_ctx = plan
+        .base_bitmap
+        .as_ref()
+        .map(|b| format!("qemu:dirty-bitmap:{b}"));
+    contexts.extend(dirty_ctx.iter().cloned());
+    let client = Client::connect(
+        &nbd.addr(),
+        ConnectOptions {
+            export: nbd.export_name().to_string(),
+            meta_contexts: contexts,
+            timeout: NBD_TIMEOUT,
+            ..ConnectOptions::default()
+        },
+    )
+    .await
+    .ctx(ErrorKind::Source, || {
+        "cannot connect to the NBD export".into()
+    })?;
+
+    let mode = match (&dirty_ctx, parent_entry) {
+        (Some(ctx), Some(pe)) => {
+            let repo2 = repo.clone();
+            let idx = pe.index;
+            let parent_index: DiskIndex = blocking(move || {
+                repo2
+                    .load_index(&idx)
+                    .map_err(|e| repo_err(e, "cannot load the previous snapshot's index"))
+            })
+            .await?;
+            Mode::Incremental {
+                context: ctx.clone(),
+                parent: Arc::new(parent_index),
+            }
+        }
+        _ => Mode::Full,
+    };
+    let incremental = matches!(mode, Mode::Incremental { .. });
+
+    let progress = Progress::new(!global.quiet && !global.json, client.size(), disk_name);
+    let stats =
+        backup::backup_disk(repo.clone(), std::slice::from_ref(&client), mode, &progress).await;
+    progress.finish();
+    let _ = client.disconnect().await;
+    let stop = nbd.stop().await;
+    let stats = stats?;
+    stop.ctx(ErrorKind::Source, || "qemu-nbd did not stop cleanly".into())?;
+
+    let repo2 = repo.clone();
+    let index = stats.index.clone();
+    let index_id = blocking(move || {
+        repo2
+            .store_index(&index)
+            .map_err(|e| repo_err(e, "cannot store the disk index"))
+    })
+    .await?;
+
+    let mut create_options = std::collections::BTreeMap::new();
+    if format == "qcow2" {
+        if let Some(cs) = info.cluster_size {
+            create_options.insert("cluster_size".to_string(), cs.to_string());
+        }
+        if let Some(c) = &info.compat {
+            create_options.insert("compat".to_string(), c.clone());
+        }
+    }
+    let mode_str = if incremental { "incremental" } else { "full" };
+    let disk = DiskEntry {
+        name: disk_name.to_string(),
+        virtual_size: stats.index.disk_size,
+        format: format.to_string(),
+        chunk_size: repo.chunk_size(),
+        index: index_id,
+        source: Some(file.display().to_string()),
+        qemu_img_info: Some(info.raw.clone()),
+        create_options,
+        backup_mode: if incremental {
+            BackupMode::Incremental
+        } else {
+            BackupMode::Full
+        },
+        bytes_read: stats.bytes_read,
+        bytes_new: stats.bytes_new,
+        chunks_new: stats.chunks_new,
+        cbt: new_bitmap.map(|b| json!({ "type": "qcow2-bitmap", "bitmap": b })),
+    };
+    let mut metadata = std::collections::BTreeMap::new();
+    if let Some(r) = &plan.full_reason {
+        metadata.insert("full_reason".to_string(), r.clone());
+    }
+    let manifest = Manifest {
+        version: 1,
+        name: args.name.clone(),
+        hostname: super::hostname(),
+        time: jiff::Timestamp::now(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        parent: if incremental { parent_id } else { None },
+        kind: SnapshotKind::Image,
+        disks: vec![disk],
+        metadata,
+        tags: args.tags.clone(),
+    };
+    let repo2 = repo.clone();
+    let snap_id = blocking(move || {
+        repo2
+            .commit_snapshot(&manifest)
+            .map_err(|e| repo_err(e, "cannot commit the snapshot"))
+    })
+    .await?;
+
+    let secs = stats.elapsed.as_secs_f64();
+    let json = json!({
+        "name": args.name,
+        "mode": mode_str,
+        "full_reason": plan.full_reason,
+        "disks": [{
+            "name": disk_name,
+            "virtual_size": stats.index.disk_size,
+            "allocated_bytes": stats.allocated_bytes,
+            "dirty_bytes": stats.dirty_bytes,
+            "bytes_read": stats.bytes_read,
+            "bytes_new": stats.bytes_new,
+            "chunks_new": stats.chunks_new,
+            "chunks_processed": stats.chunks_processed,
+            "seconds": secs,
+        }],
+    });
+    let why = plan
+        .full_reason
+        .as_ref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    let text = format!(
+        "snapshot {} of {}: {mode_str}{why}\n  {disk_name}: {} virtual, {} allocated, read {}, stored {} new in {} chunks, {:.1} s ({:.0} MB/s read)",
+        snap_id.to_string().get(..12).unwrap_or_default(),
+        args.name,
+        human_bytes(stats.index.disk_size),
+        human_bytes(stats.allocated_bytes),
+        human_bytes(stats.bytes_read),
+        human_bytes(stats.bytes_new),
+        stats.chunks_new,
+        secs,
+        mb_per_s(stats.bytes_read, secs),
+    );
+    Ok((snap_id, json, text))
+}

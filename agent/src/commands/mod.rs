@@ -1,0 +1,69 @@
+//! One module per command. Each returns `Result<()>` and prints text or, with `--json`, one JSON
+//! document on stdout.
+
+pub mod backup_image;
+pub mod repo;
+pub mod restore;
+pub mod snapshots;
+pub mod verify;
+
+use crate::cli::{Cli, Command, RepoCommand};
+use crate::error::Result;
+
+/// Run the parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Repo(RepoCommand::Init(a)) => repo::init(g, a).await,
+        Command::Repo(RepoCommand::AddKey(a)) => repo::add_key(g, a).await,
+        Command::Repo(RepoCommand::GenerateKeyFile(a)) => repo::generate_key_file(g, a),
+        Command::BackupImage(a) => backup_image::run(g, a).await,
+        Command::Snapshots(a) => snapshots::run(g, a).await,
+        Command::Restore(a) => restore::run(g, a).await,
+        Command::Verify(a) => verify::run(g, a).await,
+    }
+}
+
+/// Print a command's result: `json` on stdout with `--json`, else `text` (unless quiet).
+pub fn emit(global: &crate::cli::GlobalOpts, json: &serde_json::Value, text: &str) {
+    if global.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(json).unwrap_or_else(|_| json.to_string())
+        );
+    } else if !text.is_empty() {
+        println!("{text}");
+    }
+}
+
+/// Human-readable bytes (binary units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// MB/s (decimal megabytes, as disk tools report) for `bytes` over `secs`.
+pub fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / 1e6 / secs
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

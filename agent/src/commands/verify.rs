@@ -1,0 +1,205 @@
+//! `lifeboat verify [--read-data] [SNAPSHOT...]`
+//!
+//! Without `--read-data`: every manifest and index is read and authenticated, and every chunk they
+//! reference must exist. With `--read-data`: every referenced chunk is also read, decrypted,
+//! decompressed and re-hashed. All problems are reported (not just the first), with the snapshots
+//! they affect; any problem gives exit code 6.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use repo_format::{ChunkId, DiskIndex, SnapshotId};
+use serde_json::json;
+
+use super::{emit, human_bytes, mb_per_s};
+use crate::cli::{GlobalOpts, VerifyArgs};
+use crate::error::{repo_err, Error, ErrorKind, Result};
+use crate::pipeline::concurrency;
+use crate::pipeline::progress::Progress;
+use crate::repo::{self, blocking};
+
+/// `lifeboat verify`
+pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
+    let start = Instant::now();
+    let repo = repo::open_async(global).await?;
+
+    let ids: Vec<SnapshotId> = if args.snapshots.is_empty() {
+        let r = repo.clone();
+        blocking(move || {
+            r.list_snapshot_ids()
+                .map_err(|e| repo_err(e, "cannot list snapshots"))
+        })
+        .await?
+    } else {
+        let mut v = Vec::new();
+        for s in &args.snapshots {
+            v.push(super::restore::resolve(&repo, s).await?.0);
+        }
+        v
+    };
+
+    // Phase 1: manifests and indexes.
+    let r = repo.clone();
+    let ids2 = ids.clone();
+    let (problems, indexes) = blocking(move || {
+        let mut problems: Vec<String> = Vec::new();
+        let mut indexes: Vec<(SnapshotId, String, DiskIndex)> = Vec::new();
+        for id in &ids2 {
+            let m = match r.load_snapshot(id) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(format!("snapshot {id}: {}", crate::error::format_chain(&e)));
+                    continue;
+                }
+            };
+            for d in &m.disks {
+                match r.load_index(&d.index) {
+                    Ok(ix) => {
+                        if let Err(e) = crate::pipeline::restore::check_index(&ix, &d.name) {
+                            problems.push(format!("snapshot {id} disk {}: {e}", d.name));
+                        } else {
+                            indexes.push((*id, d.name.clone(), ix));
+                        }
+                    }
+                    Err(e) => problems.push(format!(
+                        "snapshot {id} disk {}: index {}: {}",
+                        d.name,
+                        d.index,
+                        crate::error::format_chain(&e)
+                    )),
+                }
+            }
+        }
+        Ok((problems, indexes))
+    })
+    .await?;
+    let mut problems = problems;
+
+    let referenced: BTreeSet<ChunkId> = indexes
+        .iter()
+        .flat_map(|(_, _, ix)| ix.entries.iter().flatten().copied())
+        .collect();
+
+    // Phase 2: existence.
+    let r = repo.clone();
+    let existing: HashSet<ChunkId> = blocking(move || {
+        r.list_chunks()
+            .map(|v| v.into_iter().collect())
+            .map_err(|e| repo_err(e, "cannot list chunks"))
+    })
+    .await?;
+    let mut bad: BTreeMap<ChunkId, String> = BTreeMap::new();
+    for id in &referenced {
+        if !existing.contains(id) {
+            bad.insert(*id, "missing".to_string());
+        }
+    }
+
+    // Phase 3: read everything.
+    let bytes_checked = Arc::new(AtomicU64::new(0));
+    if args.read_data {
+        let to_read: Vec<ChunkId> = referenced
+            .iter()
+            .filter(|id| !bad.contains_key(id))
+            .copied()
+            .collect();
+        let progress = Progress::new(
+            !global.quiet && !global.json,
+            to_read.len() as u64,
+            "chunks",
+        );
+        let mut stream = futures::stream::iter(to_read.into_iter().map(|id| {
+            let r = repo.clone();
+            let bytes_checked = bytes_checked.clone();
+            let progress = progress.clone();
+            async move {
+                let res = tokio::task::spawn_blocking(move || r.load_chunk(&id)).await;
+                progress.add(1);
+                match res {
+                    Ok(Ok(data)) => {
+                        bytes_checked.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        None
+                    }
+                    Ok(Err(e)) => Some((id, crate::error::format_chain(&e))),
+                    Err(e) => Some((id, format!("worker failed: {e}"))),
+                }
+            }
+        }))
+        .buffer_unordered(concurrency());
+        while let Some(r) = stream.next().await {
+            if let Some((id, why)) = r {
+                bad.insert(id, why);
+            }
+        }
+        progress.finish();
+    }
+
+    // Attribute bad chunks to snapshots.
+    let mut affected: BTreeMap<String, usize> = BTreeMap::new();
+    if !bad.is_empty() {
+        for (snap, disk, ix) in &indexes {
+            let n = ix
+                .entries
+                .iter()
+                .flatten()
+                .filter(|c| bad.contains_key(c))
+                .count();
+            if n > 0 {
+                *affected.entry(format!("{snap} disk {disk}")).or_default() += n;
+            }
+        }
+    }
+    for (id, why) in &bad {
+        problems.push(format!("chunk {id}: {why}"));
+    }
+
+    let secs = start.elapsed().as_secs_f64();
+    let checked = bytes_checked.load(Ordering::Relaxed);
+    let json = json!({
+        "snapshots": ids.len(),
+        "indexes": indexes.len(),
+        "chunks_referenced": referenced.len(),
+        "chunks_stored": existing.len(),
+        "read_data": args.read_data,
+        "bytes_checked": checked,
+        "seconds": secs,
+        "problems": problems,
+        "affected": affected,
+        "ok": problems.is_empty(),
+    });
+    let mut text = format!(
+        "checked {} snapshots, {} disk indexes, {} referenced chunks ({} stored)",
+        ids.len(),
+        indexes.len(),
+        referenced.len(),
+        existing.len()
+    );
+    if args.read_data {
+        text.push_str(&format!(
+            "; read {} in {:.1} s ({:.0} MB/s)",
+            human_bytes(checked),
+            secs,
+            mb_per_s(checked, secs)
+        ));
+    }
+    if problems.is_empty() {
+        text.push_str("\nno problems found");
+        emit(global, &json, &text);
+        Ok(())
+    } else {
+        for p in &problems {
+            text.push_str(&format!("\nPROBLEM: {p}"));
+        }
+        for (s, n) in &affected {
+            text.push_str(&format!("\nAFFECTED: snapshot {s} ({n} bad chunks)"));
+        }
+        emit(global, &json, &text);
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("verify found {} problem(s)", problems.len()),
+        ))
+    }
+}
