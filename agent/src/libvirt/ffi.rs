@@ -225,3 +225,27 @@ pub(super) fn list_checkpoints(dom: &Domain) -> Result<Vec<Checkpoint>, Error> {
     }
     Ok(out)
 }
+
+/// `virDomainBlockPull(dom, disk, 0, 0)`: start pulling the backing chain of `disk` into its
+/// top image (a block job; guest writes keep going to the top image).
+pub(super) fn block_pull(dom: &Domain, disk: &CStr) -> Result<(), Error> {
+    // SAFETY: `dom` is a valid domain reference; `disk` is a valid NUL-terminated string that
+    // libvirt only reads during the call.
+    check(unsafe { sys::virDomainBlockPull(dom.as_ptr(), disk.as_ptr(), 0, 0) })?;
+    Ok(())
+}
+
+/// `virDomainGetBlockJobInfo(dom, disk, &info, 0)`: `None` when no block job runs on `disk`,
+/// else (cur, end) progress.
+pub(super) fn block_job_info(dom: &Domain, disk: &CStr) -> Result<Option<(u64, u64)>, Error> {
+    let mut info = sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: `dom` is valid, `disk` a valid C string, `info` a live local libvirt fills in.
+    let r =
+        check(unsafe { sys::virDomainGetBlockJobInfo(dom.as_ptr(), disk.as_ptr(), &mut info, 0) })?;
+    Ok((r == 1).then_some((info.cur, info.end)))
+}

@@ -23,6 +23,7 @@
 
 mod error;
 mod ffi;
+pub mod rewrite;
 pub mod xml;
 
 use std::ffi::CString;
@@ -113,6 +114,15 @@ impl Hypervisor {
                     .map_err(|e| LibvirtError::from_virt("get domain name", e))
             })
             .collect()
+    }
+
+    /// Whether a domain with this name is defined (running or not).
+    pub fn domain_exists(&self, name: &str) -> Result<bool> {
+        match self.domain(name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NoSuchDomain => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Defines (persistently) a domain from XML, replacing the definition of a domain with the
@@ -421,5 +431,54 @@ impl Dom {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+}
+
+/// Lifecycle and block jobs, used by restore and instant restore.
+impl Dom {
+    /// Starts the (defined, inactive) domain.
+    pub fn start(&self) -> Result<()> {
+        self.dom.create().map_err(|e| self.err("start", e))?;
+        Ok(())
+    }
+
+    /// Stops the domain at once (power off), if it runs.
+    pub fn destroy(&self) -> Result<()> {
+        if self.is_active()? {
+            self.dom.destroy().map_err(|e| self.err("destroy", e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the definition (with checkpoint and snapshot metadata). The NVRAM file is kept
+    /// (`keep_nvram`) or deleted by libvirt.
+    pub fn undefine(&self, keep_nvram: bool) -> Result<()> {
+        let nvram = if keep_nvram {
+            sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+        } else {
+            sys::VIR_DOMAIN_UNDEFINE_NVRAM
+        };
+        let flags = nvram
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+        self.dom
+            .undefine_flags(flags)
+            .map_err(|e| self.err("undefine", e))
+    }
+
+    /// Starts a block pull on disk `target`: QEMU copies everything the top image reads from
+    /// its backing chain into the top image, then drops the backing chain. Guest writes keep
+    /// going to the top image meanwhile. See [`Dom::block_job`].
+    pub fn block_pull(&self, target: &str) -> Result<()> {
+        let t = cstring("disk target", target)?;
+        ffi::block_pull(&self.dom, &t).map_err(|e| self.err(&format!("block pull {target}"), e))
+    }
+
+    /// Progress `(done, total)` of the block job on `target`, or `None` when none runs (it
+    /// finished, failed or was never started: check the backing chain to tell).
+    pub fn block_job(&self, target: &str) -> Result<Option<(u64, u64)>> {
+        let t = cstring("disk target", target)?;
+        ffi::block_job_info(&self.dom, &t)
+            .map_err(|e| self.err(&format!("block job info {target}"), e))
     }
 }
