@@ -24,14 +24,14 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Print a command's result: `json` on stdout with `--json`, else `text` (unless quiet).
+/// Print a command's result: `json` on stdout with `--json`, else `text` (nothing with `--quiet`).
 pub fn emit(global: &crate::cli::GlobalOpts, json: &serde_json::Value, text: &str) {
     if global.json {
         println!(
             "{}",
             serde_json::to_string_pretty(json).unwrap_or_else(|_| json.to_string())
         );
-    } else if !text.is_empty() {
+    } else if !text.is_empty() && !global.quiet {
         println!("{text}");
     }
 }
