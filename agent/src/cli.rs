@@ -48,10 +48,19 @@ pub enum Command {
     Repo(RepoCommand),
     /// Back up a disk image file (qcow2 or raw) that no running VM is using.
     BackupImage(BackupImageArgs),
+    /// Back up libvirt VMs (running: live through a pull-mode backup job; shut off: through
+    /// their disk files), incrementally when change tracking allows.
+    Backup(BackupArgs),
+    /// Internal: the thaw guard started by `backup` (thaws the guest if the agent dies).
+    #[command(name = "__thaw-guard", hide = true)]
+    ThawGuard(ThawGuardArgs),
     /// List snapshots.
     Snapshots(SnapshotsArgs),
-    /// Restore a snapshot's disks into a directory.
+    /// Restore a snapshot's disks into a directory (and optionally define and start the VM).
     Restore(RestoreArgs),
+    /// Run a VM from a snapshot at once, served from the repository, while its data moves to
+    /// local storage.
+    InstantRestore(InstantRestoreArgs),
     /// Check the repository: every snapshot, index and (with --read-data) chunk.
     Verify(VerifyArgs),
 }
@@ -155,6 +164,70 @@ pub struct BackupImageArgs {
     /// A tag to attach to the snapshot (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Store this libvirt domain XML (e.g. `virsh dumpxml --inactive VM`) with the snapshot, so
+    /// that `restore --define` and `instant-restore` can recreate the VM.
+    #[arg(long)]
+    pub domain_xml: Option<PathBuf>,
+}
+
+/// Quiescing policy for `backup`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum QuiesceArg {
+    /// Freeze through the guest agent; without one, warn and back up crash-consistent.
+    Auto,
+    /// Fail before starting the job unless the guest's filesystems can be frozen.
+    Required,
+    /// Do not freeze (crash-consistent).
+    Off,
+}
+
+/// `lifeboat backup`
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Domain names.
+    #[arg(required = true)]
+    pub vms: Vec<String>,
+    /// libvirt URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Read every disk in full even when an incremental backup is possible.
+    #[arg(long)]
+    pub full: bool,
+    /// Do not back up this disk target (repeatable).
+    #[arg(long = "exclude-disk", value_name = "TARGET")]
+    pub exclude_disks: Vec<String>,
+    /// Guest filesystem freeze policy.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub quiesce: QuiesceArg,
+    /// Freeze only this guest mount point (repeatable; default: all).
+    #[arg(long = "freeze-mountpoint", value_name = "M")]
+    pub freeze_mountpoints: Vec<String>,
+    /// Command run in the guest (sh -c, through the guest agent) before freezing.
+    #[arg(long)]
+    pub pre_freeze: Option<String>,
+    /// Command run in the guest after thawing (always, once the pre-freeze command ran).
+    #[arg(long)]
+    pub post_thaw: Option<String>,
+    /// Hard limit on the freeze in seconds: the thaw guard thaws the guest after it.
+    #[arg(long, default_value_t = 60)]
+    pub freeze_limit: u64,
+    /// A tag to attach to the snapshots (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+/// `lifeboat __thaw-guard` (internal).
+#[derive(Debug, Args)]
+pub struct ThawGuardArgs {
+    /// libvirt URI.
+    #[arg(long)]
+    pub connect: String,
+    /// Domain name.
+    #[arg(long)]
+    pub domain: String,
+    /// Thaw after this many seconds even while the agent lives.
+    #[arg(long)]
+    pub timeout: u64,
 }
 
 /// `lifeboat snapshots`
@@ -178,9 +251,72 @@ pub struct RestoreArgs {
     /// Output format (default: the disk's original format).
     #[arg(long, value_enum)]
     pub format: Option<ImageFormat>,
-    /// Replace existing files at the target.
+    /// Replace existing files at the target (and, with --define, a domain of the same name).
     #[arg(long)]
     pub force: bool,
+    /// With --define / --start: the libvirt to define the VM on.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Define the VM from the domain XML stored in the snapshot, with the restored disks.
+    #[arg(long)]
+    pub define: bool,
+    /// Start the VM after defining it (implies --define).
+    #[arg(long)]
+    pub start: bool,
+    /// Name of the new VM (default: the original name, or NAME-restored-<time> if taken).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Network interfaces.
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// How network interfaces of a restored VM are treated.
+#[derive(Debug, Clone, Args)]
+pub struct NetworkArgs {
+    /// Connect interfaces on network or bridge OLD to NEW instead (repeatable).
+    #[arg(long = "network", value_name = "OLD=NEW", value_parser = parse_mapping)]
+    pub network_map: Vec<(String, String)>,
+    /// Remove all network interfaces.
+    #[arg(long, conflicts_with = "network_map")]
+    pub no_network: bool,
+}
+
+/// `lifeboat instant-restore`
+#[derive(Debug, Args)]
+pub struct InstantRestoreArgs {
+    /// Snapshot: an id prefix, NAME@latest or NAME@<time> (not with --resume).
+    #[arg(required_unless_present = "resume")]
+    pub snapshot: Option<String>,
+    /// The libvirt to run the VM on.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Name of the new VM (default: the original name, or NAME-restored-<time> if taken). With
+    /// --resume: the VM to resume.
+    #[arg(long, required_if_eq("resume", "true"))]
+    pub name: Option<String>,
+    /// Directory for the local disks (qcow2 overlays that end up holding all data) and the
+    /// state file.
+    #[arg(long, default_value = "/var/lib/libvirt/images")]
+    pub storage: PathBuf,
+    /// Continue an interrupted instant restore of --name: serve its snapshot again and finish
+    /// moving the data.
+    #[arg(long)]
+    pub resume: bool,
+    /// Blocks cached in memory per disk (1 chunk each).
+    #[arg(long, default_value_t = 256)]
+    pub cache_chunks: usize,
+    /// Network interfaces.
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// Parse `OLD=NEW`.
+pub fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("'{s}': expected OLD=NEW")),
+    }
 }
 
 /// `lifeboat verify`

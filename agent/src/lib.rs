@@ -13,5 +13,7 @@ pub mod error;
 pub mod libvirt;
 pub mod logging;
 pub mod pipeline;
+pub mod relocate;
 pub mod repo;
 pub mod signals;
+pub mod vm;

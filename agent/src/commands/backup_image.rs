@@ -27,6 +27,24 @@ use crate::repo::{self, blocking};
 /// Prefix of the persistent bitmaps Lifeboat adds to qcow2 images.
 pub const BITMAP_PREFIX: &str = "lifeboat-";
 
+/// Manifest metadata key holding the domain XML (inactive definition), shared with `backup`.
+pub const DOMAIN_XML_KEY: &str = "domain_xml";
+
+/// Read and sanity-check a domain XML file given with `--domain-xml`.
+pub fn read_domain_xml(path: &Path) -> Result<String> {
+    let xml = std::fs::read_to_string(path).ctx(ErrorKind::Usage, || {
+        format!("cannot read the domain XML '{}'", path.display())
+    })?;
+    crate::libvirt::parse_domain_xml(&xml).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Usage,
+            format!("'{}' is not a libvirt domain XML", path.display()),
+            e,
+        )
+    })?;
+    Ok(xml)
+}
+
 /// NBD request timeout for local exports.
 pub const NBD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -121,6 +139,9 @@ pub async fn run(global: &GlobalOpts, args: BackupImageArgs) -> Result<()> {
             ErrorKind::Source,
             format!("image '{}' does not exist or is not a file", file.display()),
         ));
+    }
+    if let Some(p) = &args.domain_xml {
+        read_domain_xml(p)?; // fail before reading the image
     }
     let repo = repo::open_async(global).await?;
     let info = qemu::image_info(&file).await.ctx(ErrorKind::Source, || {
@@ -342,6 +363,9 @@ async fn transfer(
     let mut metadata = std::collections::BTreeMap::new();
     if let Some(r) = &plan.full_reason {
         metadata.insert("full_reason".to_string(), r.clone());
+    }
+    if let Some(p) = &args.domain_xml {
+        metadata.insert(DOMAIN_XML_KEY.to_string(), read_domain_xml(p)?);
     }
     let manifest = Manifest {
         version: 1,

@@ -3,6 +3,10 @@
 //! All disks are first written to hidden temporary files in DIR; only when every disk is complete
 //! and flushed are they renamed into place. Any error (corrupt chunk, full disk, Ctrl-C) removes the
 //! temporary files, so a failed restore leaves nothing at the target.
+//!
+//! With `--define` (or `--start`) the VM is then defined on `--connect` from the domain XML stored
+//! in the snapshot (see [`crate::relocate`]): the name and the rewritten XML are settled before any
+//! data is written, and the domain is defined only after every disk is in place.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,14 +62,18 @@ pub async fn resolve(repo: &Arc<Repository>, reference: &str) -> Result<(Snapsho
     let repo = repo.clone();
     let r = reference.to_string();
     blocking(move || {
-        let id = repo.resolve(&r).map_err(|e| {
-            let kind = match e.kind() {
-                repo_format::ErrorKind::NotFound | repo_format::ErrorKind::Ambiguous => {
-                    ErrorKind::SnapshotNotFound
-                }
-                _ => crate::error::repo_kind(&e),
-            };
-            Error::with_source(kind, format!("no snapshot matches '{r}'"), e)
+        let id = repo.resolve(&r).map_err(|e| match e.kind() {
+            repo_format::ErrorKind::NotFound => Error::with_source(
+                ErrorKind::SnapshotNotFound,
+                format!("no snapshot matches '{r}'"),
+                e,
+            ),
+            repo_format::ErrorKind::Ambiguous => Error::with_source(
+                ErrorKind::SnapshotNotFound,
+                format!("snapshot reference '{r}' is ambiguous"),
+                e,
+            ),
+            _ => repo_err(e, format!("cannot resolve snapshot reference '{r}'")),
         })?;
         let m = repo
             .load_snapshot(&id)
@@ -245,6 +253,13 @@ pub async fn run(global: &GlobalOpts, args: RestoreArgs) -> Result<()> {
         plan.push((*d, format, target, PartialFile::new(partial)));
     }
 
+    // With --define: pick the name and rewrite the XML before any data is written.
+    let define = if args.define || args.start {
+        Some(prepare_define(&manifest, &args, &plan).await?)
+    } else {
+        None
+    };
+
     let total: u64 = plan.iter().map(|(d, ..)| d.virtual_size).sum();
     let progress = Progress::new(!global.quiet && !global.json, total, "restore");
     let mut results = Vec::new();
@@ -287,10 +302,56 @@ pub async fn run(global: &GlobalOpts, args: RestoreArgs) -> Result<()> {
             "chunks": s.chunks, "seconds": secs,
         }));
     }
-    emit(
-        global,
-        &json!({ "snapshot": snap_id.to_string(), "name": manifest.name, "disks": out }),
-        &text,
-    );
+    let mut doc = json!({ "snapshot": snap_id.to_string(), "name": manifest.name, "disks": out });
+    if let Some(p) = &define {
+        crate::relocate::define(p, args.start).await?;
+        let verb = if args.start {
+            "defined and started"
+        } else {
+            "defined"
+        };
+        text.push_str(&format!("\n  domain '{}' {verb} on {}", p.name, p.uri));
+        doc["domain"] = json!({ "name": p.name, "uri": p.uri, "started": args.start,
+            "dropped_disks": p.rewritten.dropped_disks });
+    }
+    emit(global, &doc, &text);
     Ok(())
+}
+
+/// `--define`: rewrite the stored domain XML for the planned files, and check the target host.
+async fn prepare_define(
+    manifest: &Manifest,
+    args: &RestoreArgs,
+    plan: &[(&DiskEntry, String, PathBuf, PartialFile)],
+) -> Result<crate::relocate::Prepared> {
+    let dir = std::fs::canonicalize(&args.to).ctx(ErrorKind::Target, || {
+        format!("cannot resolve '{}'", args.to.display())
+    })?;
+    let mut disks = std::collections::BTreeMap::new();
+    let mut nvram = None;
+    for (d, format, target, _) in plan {
+        let path = dir.join(target.file_name().unwrap_or_default());
+        if d.name == crate::relocate::NVRAM_ENTRY {
+            nvram = Some(path);
+        } else {
+            disks.insert(
+                d.name.clone(),
+                crate::libvirt::rewrite::NewDisk {
+                    path,
+                    format: format.clone(),
+                },
+            );
+        }
+    }
+    crate::relocate::prepare(
+        manifest,
+        &args.connect,
+        args.name.as_deref(),
+        args.force,
+        disks,
+        nvram,
+        crate::relocate::network_policy(&args.network),
+        &dir,
+    )
+    .await
 }
