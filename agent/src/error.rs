@@ -121,6 +121,10 @@ pub fn repo_kind(e: &repo_format::Error) -> ErrorKind {
         K::NotARepository | K::UnsupportedVersion => ErrorKind::Repository,
         K::Corrupt => ErrorKind::Corrupt,
         K::Ambiguous => ErrorKind::SnapshotNotFound,
+        // An object that a manifest or index references (or that was just listed) is missing:
+        // stored data is gone, as corrupt as a damaged object. Snapshot references that match
+        // nothing are mapped to `SnapshotNotFound` where they are resolved.
+        K::NotFound => ErrorKind::Corrupt,
         K::InvalidArgument => ErrorKind::Usage,
         _ => ErrorKind::Other,
     }
