@@ -17,3 +17,4 @@ pub mod relocate;
 pub mod repo;
 pub mod signals;
 pub mod vm;
+pub mod vm;

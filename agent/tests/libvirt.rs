@@ -248,6 +248,7 @@ impl TestDomain {
                 .map(|d| BackupDisk {
                     target: (*d).to_owned(),
                     scratch: self.scratch(d, n),
+                    full: false,
                 })
                 .collect(),
             incremental_from: from.map(str::to_owned),

@@ -1,6 +1,7 @@
 //! One module per command. Each returns `Result<()>` and prints text or, with `--json`, one JSON
 //! document on stdout.
 
+pub mod backup;
 pub mod backup_image;
 pub mod repo;
 pub mod restore;
@@ -18,6 +19,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Repo(RepoCommand::AddKey(a)) => repo::add_key(g, a).await,
         Command::Repo(RepoCommand::GenerateKeyFile(a)) => repo::generate_key_file(g, a),
         Command::BackupImage(a) => backup_image::run(g, a).await,
+        Command::Backup(a) => backup::run(g, a).await,
+        Command::ThawGuard(a) => backup::thaw_guard(a).await,
         Command::Snapshots(a) => snapshots::run(g, a).await,
         Command::Restore(a) => restore::run(g, a).await,
         Command::Verify(a) => verify::run(g, a).await,

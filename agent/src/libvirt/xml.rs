@@ -114,6 +114,9 @@ pub struct BackupDisk {
     /// Scratch (fleecing) file for copy-before-write; must be creatable by the QEMU user and
     /// must not exist. Libvirt creates and deletes it.
     pub scratch: PathBuf,
+    /// Export this disk without a dirty bitmap even when the job is incremental (libvirt ≥ 7.6
+    /// `backupmode='full'`): for a disk that is not part of the base checkpoint.
+    pub full: bool,
 }
 
 /// A checkpoint created atomically with a backup job.
@@ -405,8 +408,13 @@ pub fn backup_xml(spec: &BackupSpec) -> Result<String> {
     for d in &spec.disks {
         check_name("disk", &d.target)?;
         let scratch = path_str("scratch", &d.scratch)?;
+        let mode = if d.full && spec.incremental_from.is_some() {
+            " backupmode='full'"
+        } else {
+            ""
+        };
         x.push_str(&format!(
-            "    <disk name='{}' backup='yes' type='file'>\n      <scratch file='{}'/>\n    </disk>\n",
+            "    <disk name='{}' backup='yes'{mode} type='file'>\n      <scratch file='{}'/>\n    </disk>\n",
             escape(&d.target),
             escape(scratch)
         ));
@@ -590,10 +598,12 @@ mod tests {
                 BackupDisk {
                     target: "vda".into(),
                     scratch: "/var/lib/lifeboat/s<1>.qcow2".into(),
+                    full: false,
                 },
                 BackupDisk {
                     target: "vdb".into(),
                     scratch: "/var/lib/lifeboat/s&2.qcow2".into(),
+                    full: false,
                 },
             ],
             incremental_from: Some("cp\"1".into()),

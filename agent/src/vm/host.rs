@@ -1,0 +1,167 @@
+//! [`VmHost`] over libvirt: the guest agent through `virDomainQemuAgentCommand` (typed commands
+//! and timeouts from `guest-quiesce`), the job through [`Dom`], the thaw guard as a process.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use guest_quiesce::{Agent, FreezeStatus, Transport};
+
+use super::guard::ThawGuard;
+use super::job::VmHost;
+use crate::error::{Context, Error, ErrorKind, Result};
+use crate::libvirt::{self, BackupSpec, Dom};
+
+/// QGA transport over libvirt's agent channel.
+pub struct LibvirtTransport<'a>(pub &'a Dom);
+
+impl Transport for LibvirtTransport<'_> {
+    fn execute(&self, request_json: &str, timeout: Duration) -> guest_quiesce::Result<String> {
+        let secs = u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX);
+        self.0.agent_command(request_json, secs).map_err(|e| {
+            let kind = match e.kind() {
+                libvirt::ErrorKind::NoAgent => guest_quiesce::ErrorKind::NotResponding,
+                _ => guest_quiesce::ErrorKind::Io,
+            };
+            guest_quiesce::Error::with_source(kind, "libvirt agent command", e)
+        })
+    }
+}
+
+/// Slow (TCG) guests: scale the default QGA timeouts.
+const AGENT_TIMEOUT_SCALE: f64 = 2.0;
+
+/// The real host.
+pub struct LibvirtHost {
+    dom: Mutex<Dom>,
+    uri: String,
+    name: String,
+    freeze_limit: Duration,
+    guard: Mutex<Option<ThawGuard>>,
+}
+
+impl LibvirtHost {
+    /// A host for `dom` reached at `uri` (the guard connects on its own).
+    pub fn new(dom: Dom, uri: &str, freeze_limit: Duration) -> Self {
+        LibvirtHost {
+            name: dom.name().to_string(),
+            dom: Mutex::new(dom),
+            uri: uri.to_string(),
+            freeze_limit,
+            guard: Mutex::new(None),
+        }
+    }
+
+    fn with_dom<T>(&self, f: impl FnOnce(&Dom) -> Result<T>) -> Result<T> {
+        let d = self
+            .dom
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Other, "libvirt handle lock poisoned"))?;
+        f(&d)
+    }
+
+    fn agent_call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Agent<LibvirtTransport<'_>>) -> guest_quiesce::Result<T>,
+    ) -> Result<T> {
+        self.with_dom(|d| {
+            let agent = Agent::new(LibvirtTransport(d)).with_timeout_scale(AGENT_TIMEOUT_SCALE);
+            f(&agent).ctx(ErrorKind::Source, || {
+                format!("{what} (domain {})", self.name)
+            })
+        })
+    }
+}
+
+impl VmHost for LibvirtHost {
+    fn agent_ping(&self) -> Result<()> {
+        self.agent_call("guest agent ping", |a| a.ping())
+    }
+
+    fn guest_exec(&self, cmd: &str) -> Result<()> {
+        let r = self.agent_call("guest command", |a| {
+            a.exec("/bin/sh", &["-c", cmd], Duration::from_secs(300))
+        })?;
+        if r.success() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Source,
+                format!(
+                    "guest command {cmd:?} failed (exit {:?}, signal {:?}): {}",
+                    r.exit_code,
+                    r.signal,
+                    String::from_utf8_lossy(&r.stderr).trim()
+                ),
+            ))
+        }
+    }
+
+    fn arm_guard(&self) -> Result<()> {
+        let g = ThawGuard::spawn(&self.uri, &self.name, self.freeze_limit)?;
+        tracing::debug!(pid = g.pid(), "thaw guard ready");
+        if let Ok(mut slot) = self.guard.lock() {
+            *slot = Some(g);
+        }
+        Ok(())
+    }
+
+    fn release_guard(&self) {
+        if let Some(g) = self.guard.lock().ok().and_then(|mut s| s.take()) {
+            g.release();
+        }
+    }
+
+    fn freeze(&self, mountpoints: &[String]) -> Result<u32> {
+        let mp = (!mountpoints.is_empty()).then_some(mountpoints);
+        self.agent_call("freeze guest filesystems", |a| a.freeze(mp))
+    }
+
+    fn thaw(&self) -> Result<u32> {
+        self.agent_call("thaw guest filesystems", |a| a.thaw())
+    }
+
+    fn freeze_status(&self) -> Result<String> {
+        self.agent_call("guest-fsfreeze-status", |a| a.freeze_status())
+            .map(|s: FreezeStatus| s.as_str().to_string())
+    }
+
+    fn begin_backup(&self, spec: &BackupSpec) -> Result<()> {
+        self.with_dom(|d| {
+            d.backup_begin(spec)
+                .ctx(ErrorKind::Source, || "cannot start the backup job".into())
+        })
+    }
+
+    fn end_job(&self) -> Result<()> {
+        self.with_dom(|d| match d.abort_job() {
+            Ok(()) => Ok(()),
+            // Already gone (domain stopped, libvirtd restarted): nothing to end.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    libvirt::ErrorKind::NoJob | libvirt::ErrorKind::NotRunning
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::with_source(
+                ErrorKind::Source,
+                "cannot end the backup job",
+                e,
+            )),
+        })
+    }
+
+    fn checkpoint_xml(&self, name: &str) -> Result<String> {
+        self.with_dom(|d| {
+            d.checkpoint_xml(name).ctx(ErrorKind::Source, || {
+                format!("cannot read checkpoint {name}")
+            })
+        })
+    }
+
+    fn delete_checkpoint(&self, name: &str) -> Result<()> {
+        self.with_dom(|d| super::checkpoints::delete(d, name))
+    }
+}

@@ -1,0 +1,642 @@
+//! The live backup job, in one place:
+//!
+//! prepare (caller) → pre-freeze hook → arm thaw guard → freeze → begin job (+ new checkpoint)
+//! → thaw → release guard → post-thaw hook → transfer → commit → end job → prune old
+//! checkpoints → cleanup.
+//!
+//! The hypervisor is reached through [`VmHost`] (implemented over libvirt in
+//! [`super::host::LibvirtHost`], and by a fault-injecting fake in the tests below); the data path
+//! through [`Transfer`]. Guarantees, tested with failures injected at every step:
+//! - a freeze attempt is always followed by a thaw (also when the freeze itself failed: it may
+//!   have frozen some filesystems), and the thaw guard is released only after that thaw;
+//! - a started job is always ended (aborted) — after the commit on success, at once on failure;
+//! - nothing is committed after a failed step; the checkpoint a failed run created is deleted;
+//! - the post-thaw hook runs whenever the pre-freeze hook ran.
+//!
+//! Cleanup is owned by [`Cleanup`], whose `Drop` does the (blocking) undo: on an error it is
+//! dropped on a blocking thread; when the command's future is dropped (SIGINT/SIGTERM) it runs
+//! where the future is dropped. Host calls on the normal path run via `spawn_blocking`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use repo_format::SnapshotId;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::libvirt::BackupSpec;
+
+/// Quiescing policy (`--quiesce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuiescePolicy {
+    /// Freeze when the guest agent responds; otherwise warn and go on crash-consistent.
+    Auto,
+    /// Fail before starting the job unless the guest can be frozen.
+    Required,
+    /// Never freeze.
+    Off,
+}
+
+/// What the hypervisor must do for a live backup. Every method blocks.
+pub trait VmHost: Send + Sync + 'static {
+    /// Is the guest agent responding?
+    fn agent_ping(&self) -> Result<()>;
+    /// Run a command in the guest (pre-freeze / post-thaw hooks) through `sh -c`; error unless
+    /// it exits 0.
+    fn guest_exec(&self, cmd: &str) -> Result<()>;
+    /// Start the out-of-process thaw guard (see `vm::guard`) before freezing.
+    fn arm_guard(&self) -> Result<()>;
+    /// Tell the guard the guest is thawed; it exits without doing anything.
+    fn release_guard(&self);
+    /// Freeze guest filesystems (all when `mountpoints` is empty); returns how many.
+    fn freeze(&self, mountpoints: &[String]) -> Result<u32>;
+    /// Thaw all guest filesystems.
+    fn thaw(&self) -> Result<u32>;
+    /// `guest-fsfreeze-status` ("frozen" / "thawed").
+    fn freeze_status(&self) -> Result<String>;
+    /// Start the pull-mode backup job (creating `spec.new_checkpoint` atomically).
+    fn begin_backup(&self, spec: &BackupSpec) -> Result<()>;
+    /// End (abort) the backup job: NBD server stopped, scratch files removed.
+    fn end_job(&self) -> Result<()>;
+    /// The full XML of a checkpoint.
+    fn checkpoint_xml(&self, name: &str) -> Result<String>;
+    /// Delete a checkpoint and its bitmaps.
+    fn delete_checkpoint(&self, name: &str) -> Result<()>;
+}
+
+/// The data path: read the exports, then commit the snapshot.
+#[allow(async_fn_in_trait)]
+pub trait Transfer {
+    /// Read every disk into the repository (indexes stored, no snapshot yet).
+    async fn transfer(&mut self) -> Result<()>;
+    /// Commit the snapshot with the job's facts; after this the new checkpoint is a valid base.
+    async fn commit(&mut self, facts: &JobFacts) -> Result<SnapshotId>;
+}
+
+/// How to run the job.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Quiescing policy.
+    pub quiesce: QuiescePolicy,
+    /// Mount points to freeze (all when empty).
+    pub mountpoints: Vec<String>,
+    /// In-guest command before the freeze.
+    pub pre_freeze: Option<String>,
+    /// In-guest command after the thaw.
+    pub post_thaw: Option<String>,
+    /// Checkpoints to delete after the commit (our older ones).
+    pub prune: Vec<String>,
+    /// Test hook: sleep this long between job start and thaw (guest frozen).
+    pub pause_while_frozen: Option<Duration>,
+    /// Test hook (`LIFEBOAT_TEST_PAUSE_AFTER_BEGIN`): sleep this long after the thaw, before
+    /// the transfer.
+    pub pause_after_begin: Option<Duration>,
+}
+
+/// Facts about the job, stored with the snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFacts {
+    /// "application-consistent" or "crash-consistent: <why>".
+    pub quiesce: String,
+    /// Freeze start → job started → thaw done; `None` when not frozen.
+    pub freeze_window: Option<Duration>,
+    /// `guest-fsfreeze-status` right after the job started (while frozen).
+    pub freeze_status_at_begin: Option<String>,
+    /// The new checkpoint's name and XML (read back from libvirt after creation).
+    pub checkpoint: Option<(String, String)>,
+    /// Warnings worth printing.
+    pub warnings: Vec<String>,
+}
+
+/// What a successful job produced.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// The committed snapshot.
+    pub snapshot: SnapshotId,
+    /// Facts stored with it.
+    pub facts: JobFacts,
+}
+
+/// Undo state: whatever is set here is undone by `Drop`.
+pub struct Cleanup<H: VmHost> {
+    host: Arc<H>,
+    post_thaw: Option<String>,
+    guard_armed: bool,
+    frozen: bool,
+    job_active: bool,
+    new_checkpoint: Option<String>,
+    committed: bool,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl<H: VmHost> Cleanup<H> {
+    fn new(host: Arc<H>) -> Self {
+        Cleanup {
+            host,
+            post_thaw: None,
+            guard_armed: false,
+            frozen: false,
+            job_active: false,
+            new_checkpoint: None,
+            committed: false,
+            log: Arc::default(),
+        }
+    }
+
+    fn warn(&self, msg: String) {
+        tracing::warn!("{msg}");
+        if let Ok(mut l) = self.log.lock() {
+            l.push(msg);
+        }
+    }
+
+    /// Thaw (if frozen), then release the guard (if armed).
+    fn thaw_now(&mut self) -> Option<Error> {
+        let mut err = None;
+        if self.frozen {
+            match self.host.thaw() {
+                Ok(_) => self.frozen = false,
+                Err(e) => {
+                    // Leave the guard armed: it thaws when we go away or at its deadline.
+                    self.warn(format!("thaw failed: {e}"));
+                    err = Some(e);
+                }
+            }
+        }
+        if self.guard_armed && !self.frozen {
+            self.host.release_guard();
+            self.guard_armed = false;
+        }
+        err
+    }
+
+    fn run_post_thaw(&mut self) -> Option<Error> {
+        let cmd = self.post_thaw.take()?;
+        self.host.guest_exec(&cmd).err().inspect(|e| {
+            self.warn(format!("post-thaw command failed: {e}"));
+        })
+    }
+}
+
+impl<H: VmHost> Drop for Cleanup<H> {
+    fn drop(&mut self) {
+        let _ = self.thaw_now();
+        if self.guard_armed {
+            // Thaw failed: the guard keeps trying until its deadline, or when our pipe closes.
+            self.guard_armed = false;
+        }
+        let _ = self.run_post_thaw();
+        if self.job_active {
+            match self.host.end_job() {
+                Ok(()) => self.job_active = false,
+                Err(e) => self.warn(format!("could not end the backup job: {e}")),
+            }
+        }
+        if !self.committed {
+            if let Some(cp) = self.new_checkpoint.take() {
+                if let Err(e) = self.host.delete_checkpoint(&cp) {
+                    self.warn(format!(
+                        "could not delete checkpoint {cp} of the failed run: {e}"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+async fn call<H: VmHost, T: Send + 'static>(
+    host: &Arc<H>,
+    f: impl FnOnce(&H) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let h = host.clone();
+    tokio::task::spawn_blocking(move || f(&h))
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Other, "a libvirt worker thread failed", e))?
+}
+
+/// Run the live backup job. `spec.new_checkpoint` is the checkpoint to create.
+pub async fn run<H: VmHost, T: Transfer>(
+    host: Arc<H>,
+    opts: &JobOptions,
+    spec: BackupSpec,
+    transfer: &mut T,
+) -> Result<JobReport> {
+    let mut g = Cleanup::new(host.clone());
+    let result = steps(&mut g, opts, spec, transfer).await;
+    if result.is_err() {
+        // Undo now, off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(g)).await;
+    } else {
+        drop(g);
+    }
+    result
+}
+
+async fn steps<H: VmHost, T: Transfer>(
+    g: &mut Cleanup<H>,
+    opts: &JobOptions,
+    spec: BackupSpec,
+    transfer: &mut T,
+) -> Result<JobReport> {
+    let host = g.host.clone();
+    let mut facts = JobFacts::default();
+
+    // Quiesce: is there an agent to freeze with?
+    let mut quiesce = match opts.quiesce {
+        QuiescePolicy::Off => Err("--quiesce off".to_string()),
+        _ => match call(&host, |h| h.agent_ping()).await {
+            Ok(()) => Ok(()),
+            Err(e) if opts.quiesce == QuiescePolicy::Required => {
+                return Err(Error::with_source(
+                    ErrorKind::Source,
+                    "--quiesce required: the guest agent does not respond; no job was started",
+                    e,
+                ));
+            }
+            Err(e) => {
+                g.warn(format!(
+                    "guest agent not responding ({e}): the backup will be crash-consistent"
+                ));
+                Err(format!("guest agent not responding: {e}"))
+            }
+        },
+    };
+
+    if quiesce.is_ok() {
+        if let Some(cmd) = opts.pre_freeze.clone() {
+            // From here on the post-thaw command runs whatever happens.
+            g.post_thaw = opts.post_thaw.clone();
+            call(&host, move |h| h.guest_exec(&cmd))
+                .await
+                .map_err(|e| {
+                    Error::with_source(ErrorKind::Source, "the pre-freeze command failed", e)
+                })?;
+        } else {
+            g.post_thaw = opts.post_thaw.clone();
+        }
+        call(&host, |h| h.arm_guard()).await?;
+        g.guard_armed = true;
+    }
+
+    let freeze_start = Instant::now();
+    if quiesce.is_ok() {
+        // A failed or timed-out freeze may have frozen some filesystems: thaw regardless.
+        g.frozen = true;
+        let mp = opts.mountpoints.clone();
+        if let Err(e) = call(&host, move |h| h.freeze(&mp)).await {
+            if let Some(te) = call_thaw(g).await {
+                return Err(Error::with_source(
+                    ErrorKind::Source,
+                    "freeze failed and the thaw after it failed too",
+                    te,
+                ));
+            }
+            if opts.quiesce == QuiescePolicy::Required {
+                return Err(Error::with_source(
+                    ErrorKind::Source,
+                    "--quiesce required: freezing the guest filesystems failed",
+                    e,
+                ));
+            }
+            g.warn(format!(
+                "freezing failed ({e}): the backup will be crash-consistent"
+            ));
+            quiesce = Err(format!("freeze failed: {e}"));
+        }
+    }
+
+    let new_cp = spec.new_checkpoint.as_ref().map(|c| c.name.clone());
+    call(&host, move |h| h.begin_backup(&spec)).await?;
+    g.job_active = true;
+    g.new_checkpoint = new_cp.clone();
+
+    if g.frozen {
+        facts.freeze_status_at_begin = call(&host, |h| h.freeze_status()).await.ok();
+        if let Some(d) = opts.pause_while_frozen {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(e) = call_thaw(g).await {
+            return Err(Error::with_source(
+                ErrorKind::Source,
+                "thawing the guest failed (the thaw guard will retry)",
+                e,
+            ));
+        }
+        facts.freeze_window = Some(freeze_start.elapsed());
+    }
+    if let Some(e) = call_post_thaw(g).await {
+        facts
+            .warnings
+            .push(format!("post-thaw command failed: {e}"));
+    }
+    facts.quiesce = match &quiesce {
+        Ok(()) => "application-consistent".to_string(),
+        Err(why) => format!("crash-consistent: {why}"),
+    };
+
+    if let Some(cp) = &new_cp {
+        let name = cp.clone();
+        let xml = call(&host, move |h| h.checkpoint_xml(&name)).await?;
+        facts.checkpoint = Some((cp.clone(), xml));
+    }
+
+    if let Some(d) = opts.pause_after_begin {
+        tracing::warn!("test hook: pausing {d:?} before the transfer");
+        tokio::time::sleep(d).await;
+    }
+    transfer.transfer().await?;
+    if let Ok(l) = g.log.lock() {
+        facts.warnings.extend(l.iter().cloned());
+    }
+    let snapshot = transfer.commit(&facts).await?;
+    g.committed = true;
+
+    // Commit, then end the job at once.
+    match call(&host, |h| h.end_job()).await {
+        Ok(()) => g.job_active = false,
+        Err(e) => facts
+            .warnings
+            .push(format!("could not end the backup job: {e}")),
+    }
+    for cp in opts.prune.iter().filter(|c| Some(*c) != new_cp.as_ref()) {
+        let name = cp.clone();
+        if let Err(e) = call(&host, move |h| h.delete_checkpoint(&name)).await {
+            facts
+                .warnings
+                .push(format!("could not delete old checkpoint {cp}: {e}"));
+        }
+    }
+    Ok(JobReport { snapshot, facts })
+}
+
+async fn call_thaw<H: VmHost>(g: &mut Cleanup<H>) -> Option<Error> {
+    if g.frozen {
+        match call(&g.host, |h| h.thaw()).await {
+            Ok(_) => g.frozen = false,
+            // Leave the guard armed: it thaws when we go away or at its deadline.
+            Err(e) => return Some(e),
+        }
+    }
+    if g.guard_armed {
+        let _ = call(&g.host, |h| {
+            h.release_guard();
+            Ok(())
+        })
+        .await;
+        g.guard_armed = false;
+    }
+    None
+}
+
+async fn call_post_thaw<H: VmHost>(g: &mut Cleanup<H>) -> Option<Error> {
+    let cmd = g.post_thaw.take()?;
+    call(&g.host, move |h| h.guest_exec(&cmd)).await.err()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::libvirt::{BackupDisk, CheckpointSpec};
+
+    /// A fake hypervisor that records calls and fails the step named in `fail`.
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+        fail: Option<&'static str>,
+        no_agent: bool,
+    }
+
+    impl Fake {
+        fn step(&self, name: &str) -> Result<()> {
+            self.calls.lock().unwrap().push(name.to_string());
+            if self.fail == Some(name) {
+                Err(Error::new(ErrorKind::Source, format!("injected: {name}")))
+            } else {
+                Ok(())
+            }
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl VmHost for Fake {
+        fn agent_ping(&self) -> Result<()> {
+            if self.no_agent {
+                self.calls.lock().unwrap().push("ping".into());
+                return Err(Error::new(ErrorKind::Source, "no agent"));
+            }
+            self.step("ping")
+        }
+        fn guest_exec(&self, cmd: &str) -> Result<()> {
+            self.step(cmd)
+        }
+        fn arm_guard(&self) -> Result<()> {
+            self.step("arm")
+        }
+        fn release_guard(&self) {
+            let _ = self.step("release");
+        }
+        fn freeze(&self, _: &[String]) -> Result<u32> {
+            self.step("freeze").map(|_| 1)
+        }
+        fn thaw(&self) -> Result<u32> {
+            self.step("thaw").map(|_| 1)
+        }
+        fn freeze_status(&self) -> Result<String> {
+            self.step("status").map(|_| "frozen".into())
+        }
+        fn begin_backup(&self, _: &BackupSpec) -> Result<()> {
+            self.step("begin")
+        }
+        fn end_job(&self) -> Result<()> {
+            self.step("end")
+        }
+        fn checkpoint_xml(&self, _: &str) -> Result<String> {
+            self.step("cpxml").map(|_| "<domaincheckpoint/>".into())
+        }
+        fn delete_checkpoint(&self, name: &str) -> Result<()> {
+            self.step(&format!("delete {name}"))
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeTransfer {
+        fail: Option<&'static str>,
+        committed: bool,
+    }
+
+    impl Transfer for FakeTransfer {
+        async fn transfer(&mut self) -> Result<()> {
+            if self.fail == Some("transfer") {
+                return Err(Error::new(ErrorKind::Source, "injected: transfer"));
+            }
+            Ok(())
+        }
+        async fn commit(&mut self, facts: &JobFacts) -> Result<SnapshotId> {
+            assert!(facts.checkpoint.is_some());
+            if self.fail == Some("commit") {
+                return Err(Error::new(ErrorKind::Other, "injected: commit"));
+            }
+            self.committed = true;
+            Ok(SnapshotId::from_bytes([7; 32]))
+        }
+    }
+
+    fn spec() -> BackupSpec {
+        BackupSpec {
+            socket: "/run/lifeboat/x/nbd.sock".into(),
+            disks: vec![BackupDisk {
+                target: "vda".into(),
+                scratch: "/var/lib/lifeboat/scratch/x/vda".into(),
+                full: false,
+            }],
+            incremental_from: None,
+            new_checkpoint: Some(CheckpointSpec {
+                name: "lifeboat-new".into(),
+                description: None,
+                disks: vec!["vda".into()],
+            }),
+        }
+    }
+
+    fn opts(q: QuiescePolicy) -> JobOptions {
+        JobOptions {
+            quiesce: q,
+            mountpoints: vec![],
+            pre_freeze: Some("pre".into()),
+            post_thaw: Some("post".into()),
+            prune: vec!["lifeboat-old".into()],
+            pause_while_frozen: None,
+            pause_after_begin: None,
+        }
+    }
+
+    async fn go(
+        fake: Fake,
+        tfail: Option<&'static str>,
+        q: QuiescePolicy,
+    ) -> (bool, Vec<String>, bool) {
+        let host = Arc::new(fake);
+        let mut t = FakeTransfer {
+            fail: tfail,
+            committed: false,
+        };
+        let r = run(host.clone(), &opts(q), spec(), &mut t).await;
+        (r.is_ok(), host.calls(), t.committed)
+    }
+
+    fn pos(calls: &[String], s: &str) -> Option<usize> {
+        calls.iter().position(|c| c == s)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn success_order() {
+        let (ok, calls, committed) = go(Fake::default(), None, QuiescePolicy::Auto).await;
+        assert!(ok && committed);
+        assert_eq!(
+            calls,
+            [
+                "ping",
+                "pre",
+                "arm",
+                "freeze",
+                "begin",
+                "status",
+                "thaw",
+                "release",
+                "post",
+                "cpxml",
+                "end",
+                "delete lifeboat-old"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_agent_auto_goes_crash_consistent_required_fails_early() {
+        let f = Fake {
+            no_agent: true,
+            ..Fake::default()
+        };
+        let (ok, calls, _) = go(f, None, QuiescePolicy::Auto).await;
+        assert!(ok);
+        assert!(pos(&calls, "freeze").is_none() && pos(&calls, "begin").is_some());
+        let f = Fake {
+            no_agent: true,
+            ..Fake::default()
+        };
+        let (ok, calls, _) = go(f, None, QuiescePolicy::Required).await;
+        assert!(!ok);
+        assert_eq!(calls, ["ping"]);
+    }
+
+    /// Inject a failure at every step: thaw follows freeze, the guard is released after the
+    /// thaw, post-thaw runs once pre-freeze ran, a started job is ended, nothing committed,
+    /// the failed run's checkpoint deleted.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn failure_at_every_step_cleans_up() {
+        let host_steps = [
+            "ping", "pre", "arm", "freeze", "begin", "status", "thaw", "post", "cpxml",
+        ];
+        let mut cases: Vec<(Option<&'static str>, Option<&'static str>)> =
+            host_steps.iter().map(|s| (Some(*s), None)).collect();
+        cases.push((None, Some("transfer")));
+        cases.push((None, Some("commit")));
+        for q in [QuiescePolicy::Auto, QuiescePolicy::Required] {
+            for (hfail, tfail) in &cases {
+                let f = Fake {
+                    fail: *hfail,
+                    ..Fake::default()
+                };
+                let (ok, calls, committed) = go(f, *tfail, q).await;
+                let what = format!("{q:?} {hfail:?} {tfail:?}: {calls:?}");
+                if let Some(fz) = pos(&calls, "freeze") {
+                    let th = calls.iter().rposition(|c| c == "thaw");
+                    assert!(th.is_some_and(|t| t > fz), "no thaw after freeze: {what}");
+                    if *hfail != Some("thaw") {
+                        let rel = pos(&calls, "release");
+                        assert!(rel.is_some_and(|r| r > th.unwrap()), "{what}");
+                    }
+                }
+                if pos(&calls, "pre").is_some() {
+                    assert!(pos(&calls, "post").is_some(), "post-thaw missing: {what}");
+                }
+                if let Some(b) = pos(&calls, "begin") {
+                    if *hfail != Some("begin") {
+                        let e = pos(&calls, "end");
+                        assert!(e.is_some_and(|e| e > b), "job not ended: {what}");
+                    }
+                }
+                let soft = matches!(*hfail, Some("status") | Some("post"))
+                    || (q == QuiescePolicy::Auto
+                        && matches!(*hfail, Some("ping") | Some("freeze")));
+                if soft {
+                    assert!(ok && committed, "{what}");
+                } else {
+                    assert!(!ok && !committed, "{what}");
+                    if pos(&calls, "begin").is_some() && *hfail != Some("begin") {
+                        assert!(pos(&calls, "delete lifeboat-new").is_some(), "{what}");
+                    }
+                    assert!(pos(&calls, "delete lifeboat-old").is_none(), "{what}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cancellation_runs_cleanup() {
+        let host = Arc::new(Fake::default());
+        let mut o = opts(QuiescePolicy::Auto);
+        o.pause_after_begin = Some(Duration::from_secs(30));
+        let mut t = FakeTransfer::default();
+        let h2 = host.clone();
+        let fut = run(h2, &o, spec(), &mut t);
+        let r = tokio::time::timeout(Duration::from_millis(500), fut).await;
+        assert!(r.is_err());
+        let calls = host.calls();
+        assert!(pos(&calls, "end").is_some(), "{calls:?}");
+        assert!(pos(&calls, "delete lifeboat-new").is_some(), "{calls:?}");
+        assert!(pos(&calls, "thaw").is_some_and(|t| t > pos(&calls, "freeze").unwrap()));
+    }
+}
