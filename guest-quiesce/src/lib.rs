@@ -17,7 +17,7 @@
 //! # let _ = n; Ok(()) }
 //! ```
 //!
-//! The wire format is described in `docs/format-qga.md`.
+//! The wire format is described in `repo-format/FORMAT.md`, section 4.
 #![deny(missing_docs)]
 
 mod client;

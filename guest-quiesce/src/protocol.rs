@@ -1,7 +1,7 @@
 //! The QEMU guest agent (QGA) protocol: typed commands, request encoding and reply decoding.
 //! No I/O here; see [`crate::Agent`] for the client and [`crate::Transport`] for transports.
 //!
-//! Wire format (see `docs/format-qga.md`): a request is one JSON object
+//! Wire format (see `repo-format/FORMAT.md`, section 4): a request is one JSON object
 //! `{"execute":"NAME","arguments":{…}}` (no `arguments` member for commands without
 //! arguments); a reply is `{"return":VALUE}` or `{"error":{"class":"…","desc":"…"}}`.
 
