@@ -59,7 +59,7 @@ pub async fn run(global: &GlobalOpts, args: BackupArgs) -> Result<()> {
     let repo = repo::open_async(global).await?;
     let mut outs = Vec::new();
     for vm in &args.vms {
-        let (j, text) = backup_vm(global, &args, repo.clone(), vm).await?;
+        let (j, text) = backup_vm(global, &args, repo.clone(), vm, None).await?;
         if !global.quiet && !global.json {
             println!("{text}");
         }
@@ -90,11 +90,15 @@ struct Prepared {
     base: std::result::Result<(String, Vec<String>), String>,
 }
 
-async fn backup_vm(
+/// Back up one domain; returns the JSON report and its text form. `during_freeze` runs inside
+/// the frozen window of a running domain's job (see [`JobOptions::during_freeze`]); for a
+/// shut-off domain it is not called.
+pub async fn backup_vm(
     global: &GlobalOpts,
     args: &BackupArgs,
     repo: Arc<Repository>,
     name: &str,
+    during_freeze: Option<job::FreezeHook>,
 ) -> Result<(Value, String)> {
     let repo2 = repo.clone();
     let n2 = name.to_string();
@@ -304,6 +308,7 @@ async fn backup_vm(
             prune,
             pause_while_frozen: env_secs(PAUSE_WHILE_FROZEN_ENV),
             pause_after_begin: env_secs(PAUSE_AFTER_BEGIN_ENV),
+            during_freeze,
         };
         let host = Arc::new(LibvirtHost::new(
             prep.dom,

@@ -24,6 +24,8 @@
 mod error;
 mod ffi;
 pub mod rewrite;
+pub mod snapshot;
+mod snapshot_ffi;
 pub mod xml;
 
 use std::ffi::CString;

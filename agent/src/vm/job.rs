@@ -90,6 +90,20 @@ pub struct JobOptions {
     /// Test hook (`LIFEBOAT_TEST_PAUSE_AFTER_BEGIN`): sleep this long after the thaw, before
     /// the transfer.
     pub pause_after_begin: Option<Duration>,
+    /// Host-side step run inside the frozen window, right before the backup job begins (e.g.
+    /// `lifeboat protect`'s rollback point, a snapshot that must match the backup). It also
+    /// runs when the guest could not be frozen. A failure fails the job before it begins.
+    pub during_freeze: Option<FreezeHook>,
+}
+
+/// A blocking host-side step for [`JobOptions::during_freeze`].
+#[derive(Clone)]
+pub struct FreezeHook(pub Arc<dyn Fn() -> Result<()> + Send + Sync>);
+
+impl std::fmt::Debug for FreezeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FreezeHook")
+    }
 }
 
 /// Facts about the job, stored with the snapshot.
@@ -304,6 +318,13 @@ async fn steps<H: VmHost, T: Transfer>(
         }
     }
 
+    if let Some(hook) = opts.during_freeze.clone() {
+        tokio::task::spawn_blocking(move || (hook.0)())
+            .await
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Other, "a libvirt worker thread failed", e)
+            })??;
+    }
     let new_cp = spec.new_checkpoint.as_ref().map(|c| c.name.clone());
     call(&host, move |h| h.begin_backup(&spec)).await?;
     g.job_active = true;
@@ -509,6 +530,7 @@ mod tests {
             prune: vec!["lifeboat-old".into()],
             pause_while_frozen: None,
             pause_after_begin: None,
+            during_freeze: None,
         }
     }
 
