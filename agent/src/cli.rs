@@ -54,12 +54,6 @@ pub enum Command {
     /// Internal: the thaw guard started by `backup` (thaws the guest if the agent dies).
     #[command(name = "__thaw-guard", hide = true)]
     ThawGuard(ThawGuardArgs),
-    /// Back up libvirt VMs (running: live through a pull-mode backup job; shut off: through
-    /// their disk files), incrementally when change tracking allows.
-    Backup(BackupArgs),
-    /// Internal: the thaw guard started by `backup` (thaws the guest if the agent dies).
-    #[command(name = "__thaw-guard", hide = true)]
-    ThawGuard(ThawGuardArgs),
     /// List snapshots.
     Snapshots(SnapshotsArgs),
     /// Restore a snapshot's disks into a directory (and optionally define and start the VM).
@@ -174,66 +168,6 @@ pub struct BackupImageArgs {
     /// that `restore --define` and `instant-restore` can recreate the VM.
     #[arg(long)]
     pub domain_xml: Option<PathBuf>,
-}
-
-/// Quiescing policy for `backup`.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum QuiesceArg {
-    /// Freeze through the guest agent; without one, warn and back up crash-consistent.
-    Auto,
-    /// Fail before starting the job unless the guest's filesystems can be frozen.
-    Required,
-    /// Do not freeze (crash-consistent).
-    Off,
-}
-
-/// `lifeboat backup`
-#[derive(Debug, Args)]
-pub struct BackupArgs {
-    /// Domain names.
-    #[arg(required = true)]
-    pub vms: Vec<String>,
-    /// libvirt URI.
-    #[arg(long, default_value = "qemu:///system")]
-    pub connect: String,
-    /// Read every disk in full even when an incremental backup is possible.
-    #[arg(long)]
-    pub full: bool,
-    /// Do not back up this disk target (repeatable).
-    #[arg(long = "exclude-disk", value_name = "TARGET")]
-    pub exclude_disks: Vec<String>,
-    /// Guest filesystem freeze policy.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub quiesce: QuiesceArg,
-    /// Freeze only this guest mount point (repeatable; default: all).
-    #[arg(long = "freeze-mountpoint", value_name = "M")]
-    pub freeze_mountpoints: Vec<String>,
-    /// Command run in the guest (sh -c, through the guest agent) before freezing.
-    #[arg(long)]
-    pub pre_freeze: Option<String>,
-    /// Command run in the guest after thawing (always, once the pre-freeze command ran).
-    #[arg(long)]
-    pub post_thaw: Option<String>,
-    /// Hard limit on the freeze in seconds: the thaw guard thaws the guest after it.
-    #[arg(long, default_value_t = 60)]
-    pub freeze_limit: u64,
-    /// A tag to attach to the snapshots (repeatable).
-    #[arg(long = "tag")]
-    pub tags: Vec<String>,
-}
-
-/// `lifeboat __thaw-guard` (internal).
-#[derive(Debug, Args)]
-pub struct ThawGuardArgs {
-    /// libvirt URI.
-    #[arg(long)]
-    pub connect: String,
-    /// Domain name.
-    #[arg(long)]
-    pub domain: String,
-    /// Thaw after this many seconds even while the agent lives.
-    #[arg(long)]
-    pub timeout: u64,
 }
 
 /// Quiescing policy for `backup`.

@@ -9,7 +9,7 @@
 //! undefines it again so that no half-restored domain is left behind.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use repo_format::Manifest;
 
@@ -90,6 +90,17 @@ pub fn network_policy(n: &NetworkArgs) -> NetworkPolicy {
     }
 }
 
+/// Where the new domain's files go, decided once its name is known.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Disk files by target.
+    pub disks: BTreeMap<String, NewDisk>,
+    /// NVRAM file, if one is restored.
+    pub nvram: Option<PathBuf>,
+    /// Directory for console logs and sockets with explicit paths.
+    pub dir: PathBuf,
+}
+
 /// Everything decided before data is written.
 #[derive(Debug)]
 pub struct Prepared {
@@ -112,10 +123,8 @@ pub async fn prepare(
     uri: &str,
     requested_name: Option<&str>,
     force: bool,
-    disks: BTreeMap<String, NewDisk>,
-    nvram: Option<PathBuf>,
+    layout: impl FnOnce(&str) -> Layout + Send + 'static,
     network: NetworkPolicy,
-    chardev_dir: &Path,
 ) -> Result<Prepared> {
     let xml = stored_domain_xml(m)?.to_string();
     let original = libvirt::parse_domain_xml(&xml)
@@ -125,7 +134,6 @@ pub async fn prepare(
         .name;
     let uri = uri.to_string();
     let requested = requested_name.map(str::to_string);
-    let chardev_dir = chardev_dir.to_path_buf();
     blocking(move || {
         let hv = Hypervisor::connect(&uri).map_err(|e| {
             Error::with_source(ErrorKind::Target, format!("cannot connect to libvirt at {uri}"), e)
@@ -146,12 +154,13 @@ pub async fn prepare(
                 ));
             }
         }
+        let l = layout(&name);
         let spec = RewriteSpec {
             name: name.clone(),
-            disks,
-            nvram,
+            disks: l.disks,
+            nvram: l.nvram,
             network,
-            chardev_dir: Some(chardev_dir),
+            chardev_dir: Some(l.dir),
         };
         let rewritten = rewrite_domain_xml(&xml, &spec).map_err(|e| {
             Error::with_source(ErrorKind::Corrupt, "cannot rewrite the stored domain XML", e)

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod backup_image;
+pub mod instant_restore;
 pub mod repo;
 pub mod restore;
 pub mod snapshots;
@@ -23,6 +24,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::ThawGuard(a) => backup::thaw_guard(a).await,
         Command::Snapshots(a) => snapshots::run(g, a).await,
         Command::Restore(a) => restore::run(g, a).await,
+        Command::InstantRestore(a) => instant_restore::run(g, a).await,
         Command::Verify(a) => verify::run(g, a).await,
     }
 }

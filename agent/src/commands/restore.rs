@@ -343,15 +343,14 @@ async fn prepare_define(
             );
         }
     }
+    let layout = crate::relocate::Layout { disks, nvram, dir };
     crate::relocate::prepare(
         manifest,
         &args.connect,
         args.name.as_deref(),
         args.force,
-        disks,
-        nvram,
+        move |_| layout,
         crate::relocate::network_policy(&args.network),
-        &dir,
     )
     .await
 }

@@ -361,6 +361,24 @@ pub fn rewrite_domain_xml(xml: &str, spec: &RewriteSpec) -> Result<Rewritten> {
     Ok(out)
 }
 
+/// Whether disk `target` of a (live) domain XML still has a backing image (`<backingStore>` with
+/// a `<source>`); `None` if there is no such disk.
+pub fn disk_has_backing(xml: &str, target: &str) -> Result<Option<bool>> {
+    let doc = Document::parse(xml)
+        .map_err(|e| LibvirtError::with_source(ErrorKind::InvalidData, "parse domain XML", e))?;
+    let Some(devices) = child(doc.root_element(), "devices") else {
+        return Ok(None);
+    };
+    for disk in children(devices, "disk") {
+        if child(disk, "target").and_then(|t| t.attribute("dev")) == Some(target) {
+            return Ok(Some(
+                children(disk, "backingStore").any(|b| child(b, "source").is_some()),
+            ));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,5 +576,14 @@ mod tests {
         };
         let r = rewrite_domain_xml(xml, &s).expect("rewrite");
         assert_eq!(r.xml, "<domain><name>new</name></domain>");
+    }
+
+    #[test]
+    fn backing_detection() {
+        let with = "<domain><devices><disk><source file='/o.qcow2'/><backingStore type='network' index='1'><format type='raw'/><source protocol='nbd' name='vda'><host transport='unix' socket='/s'/></source><backingStore/></backingStore><target dev='vda'/></disk></devices></domain>";
+        let without = "<domain><devices><disk><source file='/o.qcow2'/><backingStore/><target dev='vda'/></disk></devices></domain>";
+        assert_eq!(disk_has_backing(with, "vda").expect("ok"), Some(true));
+        assert_eq!(disk_has_backing(without, "vda").expect("ok"), Some(false));
+        assert_eq!(disk_has_backing(without, "vdb").expect("ok"), None);
     }
 }

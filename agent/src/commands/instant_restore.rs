@@ -1,0 +1,619 @@
+//! `lifeboat instant-restore SNAPSHOT --connect URI [--name NEW] [--storage DIR]`: run a VM from a
+//! snapshot within seconds, whatever its size, then move its data to local storage.
+//!
+//! 1. Every disk of the snapshot is served read-only over NBD by our own server
+//!    ([`vmdisk::nbd::Server`] over [`RepoSource`]) on a unix socket
+//!    `/run/lifeboat/instant/<id>/<disk>.sock` (mode 0666, so QEMU — user `libvirt-qemu` — can
+//!    connect). Zero chunks are holes for `base:allocation`, so QEMU never reads them.
+//! 2. For each disk a local qcow2 overlay `STORAGE/<NAME>/<disk>.qcow2` is created with the
+//!    export as its backing file (`nbd+unix:///<disk>?socket=…`, format raw). The domain XML from
+//!    the snapshot is rewritten (new name, UUID, MACs; disks → overlays; see
+//!    [`crate::relocate`]), defined and started: the guest runs as soon as QEMU has opened the
+//!    overlays. Guest writes go to the overlays.
+//! 3. A libvirt block pull per disk (`virDomainBlockPull`) copies everything the overlay does
+//!    not yet hold from the export into it; guest writes keep landing in the overlay and are
+//!    never overwritten (pull only fills what the overlay does not have). When a pull finishes,
+//!    QEMU drops the backing file from the overlay; when every disk is done the state file is
+//!    removed and the server exits. Progress is logged (and drawn on a terminal).
+//!
+//! The process serves in the foreground until the move completes: run it under `nohup` or
+//! `systemd-run --unit lifeboat-instant-NAME lifeboat instant-restore …`.
+//!
+//! **If the server dies before the move completes** (process killed, host reboot), the VM keeps
+//! running, but every read of a region not yet moved fails: QEMU's NBD client (7.2, default
+//! `reconnect-delay` 0) fails in-flight and new requests with EIO while it cannot reconnect, so
+//! the guest sees I/O errors on those regions (a filesystem may remount read-only); the running
+//! block pull fails too. Regions already moved and everything the guest wrote stay intact in the
+//! overlay. `lifeboat instant-restore --resume --name NAME --storage DIR --connect URI` reads the
+//! state file `STORAGE/<NAME>/lifeboat-instant.json`, serves the same snapshot again on the same
+//! sockets (QEMU reconnects on its next request) and restarts the pull of every disk that still
+//! has its NBD backing. A shut-off VM is finished offline with `qemu-img rebase` (which copies
+//! the remaining data into the overlay). Nothing is lost as long as the overlays are kept.
+//!
+//! A chunk that fails its checks makes reads of it fail (EIO to the guest) and the pull fail;
+//! instant-restore then stops the VM, undefines it (the overlays are kept for inspection) and
+//! exits with the "corrupt" exit code.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use repo_format::{Manifest, Repository, SnapshotId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+use vmdisk::nbd::{BlockSource, Server, ServerOptions};
+
+use super::restore::resolve;
+use super::{emit, human_bytes};
+use crate::cli::{GlobalOpts, InstantRestoreArgs};
+use crate::error::{repo_err, Context, Error, ErrorKind, Result};
+use crate::libvirt::rewrite::{disk_has_backing, NewDisk};
+use crate::libvirt::Hypervisor;
+use crate::pipeline::serve::RepoSource;
+use crate::relocate::{self, Layout, NVRAM_ENTRY};
+use crate::repo::{self, blocking};
+
+/// Name of the state file in the VM's storage directory.
+pub const STATE_FILE: &str = "lifeboat-instant.json";
+
+/// What `--resume` needs, written before the domain is defined.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// Snapshot id (hex).
+    pub snapshot: String,
+    /// Repository location used.
+    pub repo: Option<String>,
+    /// libvirt URI.
+    pub uri: String,
+    /// Domain name.
+    pub name: String,
+    /// Disks: target, overlay, socket.
+    pub disks: Vec<StateDisk>,
+}
+
+/// One served disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateDisk {
+    /// Target (`vda`) = export name.
+    pub target: String,
+    /// The local qcow2 overlay.
+    pub overlay: PathBuf,
+    /// The NBD socket its backing file names.
+    pub socket: PathBuf,
+}
+
+fn socket_dir_for(storage_dir: &Path) -> PathBuf {
+    let h = blake3_hex(storage_dir.to_string_lossy().as_bytes());
+    PathBuf::from("/run/lifeboat/instant").join(&h[..16])
+}
+
+fn blake3_hex(b: &[u8]) -> String {
+    // A stable, short directory name: FNV-1a is enough here (not security relevant).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in b {
+        h ^= u64::from(*x);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The running NBD server: stops (and removes its sockets) when dropped.
+struct Serving {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sources: Vec<(String, Arc<RepoSource>)>,
+}
+
+impl Serving {
+    async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    fn failures(&self) -> Option<String> {
+        self.sources.iter().find_map(|(d, s)| {
+            let (n, last) = s.failures();
+            (n > 0).then(|| {
+                format!(
+                    "disk {d}: {n} failed reads, last: {}",
+                    last.unwrap_or_default()
+                )
+            })
+        })
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Load every index, start serving each disk on its socket.
+async fn serve(
+    repo: &Arc<Repository>,
+    manifest: &Manifest,
+    disks: &[StateDisk],
+    cache_chunks: usize,
+) -> Result<Serving> {
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut sources = Vec::new();
+    for sd in disks {
+        let entry = manifest
+            .disks
+            .iter()
+            .find(|d| d.name == sd.target)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!("snapshot has no disk '{}'", sd.target),
+                )
+            })?;
+        let r2 = repo.clone();
+        let idx = entry.index;
+        let name = entry.name.clone();
+        let index = blocking(move || {
+            r2.load_index(&idx)
+                .map_err(|e| repo_err(e, format!("cannot load the index of disk '{name}'")))
+        })
+        .await?;
+        crate::pipeline::restore::check_index(&index, &entry.name)?;
+        if index.disk_size != entry.virtual_size {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("the index of disk '{}' does not match its size", entry.name),
+            ));
+        }
+        let src = Arc::new(RepoSource::new(repo.clone(), Arc::new(index), cache_chunks));
+        let mut exports: HashMap<String, Arc<dyn BlockSource>> = HashMap::new();
+        exports.insert(sd.target.clone(), src.clone());
+        sources.push((sd.target.clone(), src));
+        let server = Arc::new(Server::new(exports, ServerOptions::default()));
+        if let Some(dir) = sd.socket.parent() {
+            std::fs::create_dir_all(dir).ctx(ErrorKind::Other, || {
+                format!("cannot create '{}'", dir.display())
+            })?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+        let listener = Server::bind_unix(&sd.socket)
+            .map_err(|e| Error::with_source(ErrorKind::Other, "cannot start the NBD server", e))?;
+        tasks.push(tokio::spawn(server.serve(
+            listener,
+            Some(sd.socket.clone()),
+            rx.clone(),
+        )));
+    }
+    Ok(Serving {
+        stop,
+        tasks,
+        sources,
+    })
+}
+
+fn backing_uri(target: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{target}?socket={}", socket.display())
+}
+
+/// `lifeboat instant-restore`
+pub async fn run(global: &GlobalOpts, args: InstantRestoreArgs) -> Result<()> {
+    if args.resume {
+        return resume(global, args).await;
+    }
+    let t0 = Instant::now();
+    let reference = args.snapshot.clone().unwrap_or_default();
+    let repo = repo::open_async(global).await?;
+    let (snap_id, manifest) = resolve(&repo, &reference).await?;
+    relocate::stored_domain_xml(&manifest)?;
+    if manifest.disks.iter().any(|d| d.name == NVRAM_ENTRY) {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            "instant restore of a VM with UEFI variables (NVRAM) is not supported yet: use restore --define",
+        ));
+    }
+    for d in &manifest.disks {
+        if d.name.is_empty() || d.name.contains(['/', '?', '&']) || d.name.starts_with('.') {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("refusing disk name '{}'", d.name),
+            ));
+        }
+    }
+    std::fs::create_dir_all(&args.storage).ctx(ErrorKind::Target, || {
+        format!("cannot create '{}'", args.storage.display())
+    })?;
+    let storage = std::fs::canonicalize(&args.storage).ctx(ErrorKind::Target, || {
+        format!("cannot resolve '{}'", args.storage.display())
+    })?;
+
+    // Name, paths and XML, checked before anything is created.
+    let targets: Vec<String> = manifest.disks.iter().map(|d| d.name.clone()).collect();
+    let st2 = storage.clone();
+    let prepared = relocate::prepare(
+        &manifest,
+        &args.connect,
+        args.name.as_deref(),
+        false,
+        move |name| {
+            let dir = st2.join(name);
+            let disks = targets
+                .iter()
+                .map(|t| {
+                    (
+                        t.clone(),
+                        NewDisk {
+                            path: dir.join(format!("{t}.qcow2")),
+                            format: "qcow2".into(),
+                        },
+                    )
+                })
+                .collect::<BTreeMap<_, _>>();
+            Layout {
+                disks,
+                nvram: None,
+                dir,
+            }
+        },
+        relocate::network_policy(&args.network),
+    )
+    .await?;
+    let vm_dir = storage.join(&prepared.name);
+    if vm_dir.exists() {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!(
+                "'{}' exists: remove it or choose another --name",
+                vm_dir.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(&vm_dir).ctx(ErrorKind::Target, || {
+        format!("cannot create '{}'", vm_dir.display())
+    })?;
+    let mut cleanup = DirGuard(Some(vm_dir.clone()));
+    let sock_dir = socket_dir_for(&vm_dir);
+    let state = State {
+        snapshot: snap_id.to_string(),
+        repo: global.repo.clone(),
+        uri: prepared.uri.clone(),
+        name: prepared.name.clone(),
+        disks: manifest
+            .disks
+            .iter()
+            .map(|d| StateDisk {
+                target: d.name.clone(),
+                overlay: vm_dir.join(format!("{}.qcow2", d.name)),
+                socket: sock_dir.join(format!("{}.sock", d.name)),
+            })
+            .collect(),
+    };
+
+    let serving = serve(&repo, &manifest, &state.disks, args.cache_chunks).await?;
+    for (sd, d) in state.disks.iter().zip(&manifest.disks) {
+        let mut opts: Vec<(String, String)> = vec![
+            ("backing_file".into(), backing_uri(&sd.target, &sd.socket)),
+            ("backing_fmt".into(), "raw".into()),
+        ];
+        if d.format == "qcow2" {
+            if let Some(cs) = d.create_options.get("cluster_size") {
+                opts.push(("cluster_size".into(), cs.clone()));
+            }
+        }
+        vmdisk::qemu::create_image(&sd.overlay, "qcow2", d.virtual_size, &opts)
+            .await
+            .ctx(ErrorKind::Target, || {
+                format!("cannot create the overlay '{}'", sd.overlay.display())
+            })?;
+    }
+    write_state(&vm_dir, &state)?;
+    relocate::define(&prepared, true).await?;
+    let running_after = t0.elapsed();
+    cleanup.0 = None; // the domain exists now: keep its files whatever happens
+    tracing::info!(
+        "domain '{}' running after {:.2} s; moving data to {}",
+        prepared.name,
+        running_after.as_secs_f64(),
+        vm_dir.display()
+    );
+    if !global.quiet && !global.json {
+        eprintln!(
+            "domain '{}' is running ({:.2} s); moving its data into {} — keep this process running",
+            prepared.name,
+            running_after.as_secs_f64(),
+            vm_dir.display()
+        );
+    }
+    let total: u64 = manifest.disks.iter().map(|d| d.virtual_size).sum();
+    let moved = move_data(global, &state, &serving, total).await;
+    let moved = match moved {
+        Ok(m) => m,
+        Err(e) => {
+            serving.shutdown().await;
+            return Err(e);
+        }
+    };
+    serving.shutdown().await;
+    let _ = std::fs::remove_file(vm_dir.join(STATE_FILE));
+    let _ = std::fs::remove_dir(&sock_dir);
+    let text = format!(
+        "instant restore of {} ({}) as '{}': running after {:.2} s, {} moved in {:.1} s; the VM no longer depends on the repository",
+        manifest.name,
+        snap_id.to_string().get(..12).unwrap_or_default(),
+        prepared.name,
+        running_after.as_secs_f64(),
+        human_bytes(total),
+        moved.as_secs_f64()
+    );
+    emit(
+        global,
+        &json!({
+            "snapshot": snap_id.to_string(), "name": prepared.name, "uri": prepared.uri,
+            "running_after_seconds": running_after.as_secs_f64(),
+            "move_seconds": moved.as_secs_f64(),
+            "disks": state.disks.iter().map(|d| json!({"disk": d.target, "path": d.overlay})).collect::<Vec<_>>(),
+        }),
+        &text,
+    );
+    Ok(())
+}
+
+/// Removes a directory on drop unless disarmed.
+struct DirGuard(Option<PathBuf>);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn write_state(dir: &Path, state: &State) -> Result<()> {
+    let p = dir.join(STATE_FILE);
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let data = serde_json::to_vec_pretty(state)
+        .map_err(|e| Error::with_source(ErrorKind::Other, "cannot encode the state", e))?;
+    std::fs::write(&tmp, data)
+        .and_then(|_| std::fs::rename(&tmp, &p))
+        .ctx(ErrorKind::Target, || {
+            format!("cannot write '{}'", p.display())
+        })
+}
+
+/// Pull every disk that still has a backing file; returns the time it took.
+async fn move_data(
+    global: &GlobalOpts,
+    state: &State,
+    serving: &Serving,
+    total: u64,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let uri = state.uri.clone();
+    let name = state.name.clone();
+    let targets: Vec<String> = state.disks.iter().map(|d| d.target.clone()).collect();
+    let progress =
+        crate::pipeline::progress::Progress::new(!global.quiet && !global.json, total, "move");
+    let (active, pending) = {
+        let targets = targets.clone();
+        blocking(move || {
+            let hv = Hypervisor::connect(&uri).map_err(|e| lv(e, "cannot connect to libvirt"))?;
+            let dom = hv
+                .domain(&name)
+                .map_err(|e| lv(e, "cannot find the restored domain"))?;
+            let active = dom
+                .is_active()
+                .map_err(|e| lv(e, "cannot query the domain"))?;
+            let mut pending = Vec::new();
+            if active {
+                let xml = dom
+                    .xml(false)
+                    .map_err(|e| lv(e, "cannot read the live XML"))?;
+                for t in &targets {
+                    if disk_has_backing(&xml, t).map_err(|e| lv(e, "bad live XML"))? != Some(false)
+                    {
+                        if dom.block_job(t).map_err(|e| lv(e, "block job"))?.is_none() {
+                            dom.block_pull(t)
+                                .map_err(|e| lv(e, "cannot start the block pull"))?;
+                        }
+                        pending.push(t.clone());
+                    }
+                }
+            }
+            Ok((active, pending))
+        })
+        .await?
+    };
+    if !active {
+        // Shut off: finish offline, copying what the overlays lack while we serve it.
+        for d in &state.disks {
+            let info = vmdisk::qemu::image_info(&d.overlay)
+                .await
+                .ctx(ErrorKind::Target, || {
+                    format!("cannot inspect '{}'", d.overlay.display())
+                })?;
+            if info.raw.get("backing-filename").is_none() {
+                continue;
+            }
+            let out = tokio::process::Command::new("qemu-img")
+                .args(["rebase", "-q", "-f", "qcow2", "-b", ""])
+                .arg(&d.overlay)
+                .output()
+                .await
+                .ctx(ErrorKind::Other, || "cannot run qemu-img rebase".into())?;
+            if !out.status.success() {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "moving '{}' offline failed: {}{}",
+                        d.target,
+                        String::from_utf8_lossy(&out.stderr).trim(),
+                        serving
+                            .failures()
+                            .map(|f| format!(" ({f})"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        progress.add(total);
+        progress.finish();
+        return Ok(t.elapsed());
+    }
+    // Poll the jobs.
+    let mut done_bytes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut remaining = pending;
+    let mut last_log = Instant::now();
+    while !remaining.is_empty() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let uri = state.uri.clone();
+        let name = state.name.clone();
+        let rem = remaining.clone();
+        let status = blocking(move || {
+            let hv = Hypervisor::connect(&uri).map_err(|e| lv(e, "cannot connect to libvirt"))?;
+            let dom = hv
+                .domain(&name)
+                .map_err(|e| lv(e, "cannot find the restored domain"))?;
+            let mut out = Vec::new();
+            for t in &rem {
+                let job = dom.block_job(t).map_err(|e| lv(e, "block job"))?;
+                let backing = match job {
+                    Some(_) => None,
+                    None => {
+                        let xml = dom
+                            .xml(false)
+                            .map_err(|e| lv(e, "cannot read the live XML"))?;
+                        disk_has_backing(&xml, t).map_err(|e| lv(e, "bad live XML"))?
+                    }
+                };
+                out.push((t.clone(), job, backing));
+            }
+            let active = dom
+                .is_active()
+                .map_err(|e| lv(e, "cannot query the domain"))?;
+            Ok((out, active))
+        })
+        .await?;
+        let (status, dom_active) = status;
+        let mut still = Vec::new();
+        for (t, job, backing) in status {
+            match (job, backing) {
+                (Some((cur, end)), _) => {
+                    let prev = done_bytes.insert(t.clone(), cur).unwrap_or(0);
+                    progress.add(cur.saturating_sub(prev));
+                    if last_log.elapsed() > Duration::from_secs(5) {
+                        tracing::info!(disk = %t, "moved {} of {}", human_bytes(cur), human_bytes(end));
+                    }
+                    still.push(t);
+                }
+                (None, Some(false)) => {
+                    tracing::info!(disk = %t, "moved: no longer depends on the repository");
+                }
+                (None, _) if !dom_active => {
+                    return Err(Error::new(
+                        ErrorKind::Other,
+                        format!(
+                            "the VM stopped before disk '{t}' was moved: finish with instant-restore --resume"
+                        ),
+                    ));
+                }
+                (None, _) => {
+                    // The job ended but the backing is still there: the pull failed.
+                    let why = serving.failures();
+                    if why.is_some() {
+                        tracing::error!("the data of '{t}' cannot be read from the repository: stopping and undefining the VM (overlays kept)");
+                        relocate::undo_define(&state.uri, &state.name).await;
+                        return Err(Error::new(
+                            ErrorKind::Corrupt,
+                            format!(
+                                "moving disk '{t}' failed: {}; VM '{}' was stopped and undefined, its overlays are kept",
+                                why.unwrap_or_default(),
+                                state.name
+                            ),
+                        ));
+                    }
+                    return Err(Error::new(
+                        ErrorKind::Other,
+                        format!("the block pull of disk '{t}' stopped before completing: retry with --resume"),
+                    ));
+                }
+            }
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            last_log = Instant::now();
+        }
+        remaining = still;
+    }
+    progress.finish();
+    Ok(t.elapsed())
+}
+
+fn lv(e: crate::libvirt::LibvirtError, what: &str) -> Error {
+    Error::with_source(ErrorKind::Source, what.to_string(), e)
+}
+
+/// `--resume`: serve the recorded snapshot again and finish the move.
+async fn resume(global: &GlobalOpts, args: InstantRestoreArgs) -> Result<()> {
+    let name = args
+        .name
+        .clone()
+        .ok_or_else(|| Error::new(ErrorKind::Usage, "--resume needs --name"))?;
+    let storage = std::fs::canonicalize(&args.storage).ctx(ErrorKind::Usage, || {
+        format!("cannot resolve '{}'", args.storage.display())
+    })?;
+    let vm_dir = storage.join(&name);
+    let sp = vm_dir.join(STATE_FILE);
+    let data = std::fs::read(&sp).ctx(ErrorKind::Usage, || {
+        format!(
+            "no instant restore of '{name}' to resume ('{}' is missing)",
+            sp.display()
+        )
+    })?;
+    let state: State = serde_json::from_slice(&data).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Corrupt,
+            format!("bad state file '{}'", sp.display()),
+            e,
+        )
+    })?;
+    let mut g = global.clone();
+    if g.repo.is_none() {
+        g.repo = state.repo.clone();
+    }
+    let repo = repo::open_async(&g).await?;
+    let id: SnapshotId = state
+        .snapshot
+        .parse()
+        .map_err(|_| Error::new(ErrorKind::Corrupt, "bad snapshot id in the state file"))?;
+    let manifest = {
+        let r = repo.clone();
+        blocking(move || {
+            r.load_snapshot(&id)
+                .map_err(|e| repo_err(e, "cannot load the snapshot"))
+        })
+        .await?
+    };
+    let serving = serve(&repo, &manifest, &state.disks, args.cache_chunks).await?;
+    let total: u64 = manifest.disks.iter().map(|d| d.virtual_size).sum();
+    let moved = move_data(global, &state, &serving, total).await;
+    serving.shutdown().await;
+    let moved = moved?;
+    let _ = std::fs::remove_file(&sp);
+    if let Some(d) = state.disks.first().and_then(|d| d.socket.parent()) {
+        let _ = std::fs::remove_dir(d);
+    }
+    emit(
+        global,
+        &json!({ "name": state.name, "resumed": true, "move_seconds": moved.as_secs_f64() }),
+        &format!(
+            "instant restore of '{}' completed after resume ({:.1} s)",
+            state.name,
+            moved.as_secs_f64()
+        ),
+    );
+    Ok(())
+}
