@@ -1,0 +1,201 @@
+//! In-process CPU ceilings, measured on the benchmark image's own non-zero chunks with the same
+//! primitives (and crate versions) as the repository format: keyed BLAKE3, zstd at the
+//! repository's level, XChaCha20-Poly1305.
+
+use std::fs::File;
+use std::io::Read as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+/// Non-zero chunks sampled evenly from a raw image.
+pub struct Sample {
+    /// The chunks.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+impl Sample {
+    /// Total bytes.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len() as u64).sum()
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Reads the non-zero `chunk`-sized pieces of `raw`, keeping an even sample of at most `limit`
+/// bytes.
+pub fn load_sample(raw: &Path, chunk: usize, limit: u64) -> Result<Sample> {
+    let mut nonzero = Vec::new();
+    let mut f = File::open(raw).with_context(|| format!("cannot open {}", raw.display()))?;
+    let mut buf = vec![0u8; chunk];
+    let mut idx = 0usize;
+    loop {
+        let n = read_full(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if !is_zero(&buf[..n]) {
+            nonzero.push(idx);
+        }
+        idx += 1;
+    }
+    let total = nonzero.len() as u64 * chunk as u64;
+    let stride = total.div_ceil(limit.max(1)).max(1) as usize;
+    let mut chunks = Vec::new();
+    for &i in nonzero.iter().step_by(stride) {
+        use std::os::unix::fs::FileExt as _;
+        let mut c = vec![0u8; chunk];
+        let n = f.read_at(&mut c, (i * chunk) as u64)?;
+        c.truncate(n);
+        chunks.push(c);
+    }
+    Ok(Sample { chunks })
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let r = f.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok(n)
+}
+
+/// Runs `f` on every item with `threads` threads (work-stealing by index); returns seconds.
+fn par<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) + Sync) -> f64 {
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                f(item);
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
+/// CPU ceilings in MB/s of plaintext (10^6 bytes per second).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ceilings {
+    /// Keyed BLAKE3, one core.
+    pub blake3_1: f64,
+    /// Keyed BLAKE3, all cores.
+    pub blake3_n: f64,
+    /// zstd compression at the repository level, one core.
+    pub zstd_1: f64,
+    /// XChaCha20-Poly1305 encryption, one core.
+    pub aead_1: f64,
+    /// hash + compress (kept when smaller) + encrypt, all cores: the backup CPU ceiling.
+    pub seal_n: f64,
+    /// decrypt + decompress + hash, all cores: the verify/restore CPU ceiling.
+    pub open_n: f64,
+    /// Compressed size / plaintext size of the sample.
+    pub compress_ratio: f64,
+}
+
+struct Sealed {
+    id: [u8; 32],
+    nonce: [u8; 24],
+    ct: Vec<u8>,
+    compressed: bool,
+}
+
+fn seal(key: &[u8; 32], cipher: &XChaCha20Poly1305, level: i32, plain: &[u8]) -> Sealed {
+    let id = blake3::keyed_hash(key, plain);
+    let comp = zstd::bulk::compress(plain, level)
+        .ok()
+        .filter(|c| c.len() < plain.len());
+    let payload = comp.as_deref().unwrap_or(plain);
+    let mut nonce = [0u8; 24];
+    getrandom::fill(&mut nonce).unwrap_or_default();
+    let ct = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            chacha20poly1305::aead::Payload {
+                msg: payload,
+                aad: id.as_bytes(),
+            },
+        )
+        .unwrap_or_default();
+    Sealed {
+        id: *id.as_bytes(),
+        nonce,
+        ct,
+        compressed: comp.is_some(),
+    }
+}
+
+/// Measures every ceiling once on `sample` (call repeatedly and keep the best).
+pub fn measure(sample: &Sample, level: i32, threads: usize) -> Ceilings {
+    let key = [7u8; 32];
+    let cipher = XChaCha20Poly1305::new((&key).into());
+    let bytes = sample.bytes() as f64;
+    let rate = |secs: f64| bytes / secs.max(1e-9) / 1e6;
+    let ch = &sample.chunks;
+
+    let blake3_1 = rate(par(ch, 1, |c| {
+        std::hint::black_box(blake3::keyed_hash(&key, c));
+    }));
+    let blake3_n = rate(par(ch, threads, |c| {
+        std::hint::black_box(blake3::keyed_hash(&key, c));
+    }));
+    let zstd_1 = rate(par(ch, 1, |c| {
+        std::hint::black_box(zstd::bulk::compress(c, level).ok());
+    }));
+    let aead_1 = rate(par(ch, 1, |c| {
+        let nonce = [1u8; 24];
+        std::hint::black_box(
+            cipher
+                .encrypt(XNonce::from_slice(&nonce), c.as_slice())
+                .ok(),
+        );
+    }));
+    let seal_n = rate(par(ch, threads, |c| {
+        std::hint::black_box(seal(&key, &cipher, level, c));
+    }));
+    let sealed: Vec<(Sealed, usize)> = ch
+        .iter()
+        .map(|c| (seal(&key, &cipher, level, c), c.len()))
+        .collect();
+    let stored: usize = sealed.iter().map(|(s, _)| s.ct.len()).sum();
+    let open_n = rate(par(&sealed, threads, |(s, len)| {
+        let pt = cipher
+            .decrypt(
+                XNonce::from_slice(&s.nonce),
+                chacha20poly1305::aead::Payload {
+                    msg: &s.ct,
+                    aad: &s.id,
+                },
+            )
+            .unwrap_or_default();
+        let plain = if s.compressed {
+            zstd::bulk::decompress(&pt, *len).unwrap_or_default()
+        } else {
+            pt
+        };
+        let ok = blake3::keyed_hash(&key, &plain) == blake3::Hash::from_bytes(s.id);
+        std::hint::black_box(ok);
+    }));
+    Ceilings {
+        blake3_1,
+        blake3_n,
+        zstd_1,
+        aead_1,
+        seal_n,
+        open_n,
+        compress_ratio: stored as f64 / bytes.max(1.0),
+    }
+}

@@ -1,0 +1,128 @@
+//! Running external commands with a wall-clock time and a peak RSS.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+
+/// One finished command.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Wall-clock seconds.
+    pub secs: f64,
+    /// Peak resident set size in KiB (the largest of the process tree `/usr/bin/time` waited
+    /// for), when measurable.
+    pub max_rss_kib: Option<u64>,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+}
+
+impl Run {
+    /// Standard output parsed as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.stdout).context("command output is not JSON")
+    }
+}
+
+/// Runs `argv` (through `/usr/bin/time` when present, for the peak RSS) and fails unless it
+/// exits 0. `env` is added to the environment.
+pub fn run(argv: &[&str], env: &[(&str, &str)], scratch: &Path) -> Result<Run> {
+    let Some((prog, args)) = argv.split_first() else {
+        bail!("empty command");
+    };
+    let time_out: PathBuf = scratch.join("time.out");
+    let use_time = Path::new("/usr/bin/time").exists();
+    let mut cmd = if use_time {
+        let mut c = Command::new("/usr/bin/time");
+        c.arg("-f").arg("%M").arg("-o").arg(&time_out).arg(prog);
+        c
+    } else {
+        Command::new(prog)
+    };
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", argv.join(" ")))?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}):\n{}",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let max_rss_kib = if use_time {
+        std::fs::read_to_string(&time_out)
+            .ok()
+            .and_then(|s| s.lines().last().and_then(|l| l.trim().parse().ok()))
+    } else {
+        None
+    };
+    Ok(Run {
+        secs,
+        max_rss_kib,
+        stdout: out.stdout,
+    })
+}
+
+/// Runs a shell pipeline (`sh -c`), timed like [`run`].
+pub fn sh(script: &str, env: &[(&str, &str)], scratch: &Path) -> Result<Run> {
+    run(&["sh", "-c", script], env, scratch)
+}
+
+/// Whether `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool} >/dev/null 2>&1"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Output of a quick informational command, trimmed; empty on failure.
+pub fn capture(argv: &[&str]) -> String {
+    let Some((prog, args)) = argv.split_first() else {
+        return String::new();
+    };
+    Command::new(prog)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Apparent disk usage of a directory tree in bytes (`du -sb`), 0 if unknown.
+pub fn du_bytes(path: &Path) -> u64 {
+    let p = path.to_string_lossy();
+    capture(&["du", "-sb", &p])
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}

@@ -1,0 +1,445 @@
+//! Best-of-N bookkeeping and the Markdown report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+
+use crate::cpu::Ceilings;
+use crate::proc;
+
+/// The best (fastest) round of one measurement, with the largest peak RSS seen in any round.
+#[derive(Debug, Clone, Copy)]
+pub struct Best {
+    /// Seconds (minimum over rounds).
+    pub secs: f64,
+    /// Peak RSS in KiB (maximum over rounds).
+    pub rss_kib: Option<u64>,
+    /// Repository size in bytes after the run (0 if not applicable).
+    pub repo_bytes: u64,
+    /// Rounds measured.
+    pub n: u32,
+}
+
+impl Best {
+    /// One round's result.
+    pub fn time(secs: f64, rss_kib: Option<u64>, repo_bytes: u64) -> Best {
+        Best {
+            secs,
+            rss_kib,
+            repo_bytes,
+            n: 1,
+        }
+    }
+}
+
+/// Everything measured in a run.
+pub struct Report {
+    size: u64,
+    rounds: u32,
+    threads: usize,
+    sample_bytes: u64,
+    /// Allocated non-zero bytes of the image (from Lifeboat's allocation scan).
+    pub allocated: u64,
+    /// Dirty bytes of the incremental (from the bitmap).
+    pub dirty: u64,
+    /// Bytes verify read and checked.
+    pub verify_bytes: u64,
+    /// Dirty bytes of the 1 TiB test.
+    pub sparse_dirty: u64,
+    /// (wall seconds, peak RSS KiB of each process) of the 4-disk run.
+    pub parallel: Option<(f64, Vec<u64>)>,
+    /// Load averages along the run.
+    pub loads: Vec<String>,
+    results: BTreeMap<String, Best>,
+    cpu: Option<Ceilings>,
+    notes: Vec<(String, String)>,
+}
+
+fn mb(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs.max(1e-9) / 1e6
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("n/a".into(), |k| format!("{:.0}", k as f64 / 1024.0))
+}
+
+fn size_h(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new(size: u64, rounds: u32, threads: usize, sample_bytes: u64) -> Report {
+        Report {
+            size,
+            rounds,
+            threads,
+            sample_bytes,
+            allocated: 0,
+            dirty: 0,
+            verify_bytes: 0,
+            sparse_dirty: 0,
+            parallel: None,
+            loads: Vec::new(),
+            results: BTreeMap::new(),
+            cpu: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Records one round of `name`.
+    pub fn add(&mut self, name: &str, b: Best) {
+        self.results
+            .entry(name.to_string())
+            .and_modify(|old| {
+                old.rss_kib = old.rss_kib.max(b.rss_kib);
+                old.n += 1;
+                if b.secs < old.secs {
+                    old.secs = b.secs;
+                    old.repo_bytes = b.repo_bytes;
+                }
+            })
+            .or_insert(b);
+    }
+
+    /// Records one round of CPU ceilings (keeps the best of each).
+    pub fn add_cpu(&mut self, c: Ceilings) {
+        let best = match self.cpu {
+            None => c,
+            Some(o) => Ceilings {
+                blake3_1: o.blake3_1.max(c.blake3_1),
+                blake3_n: o.blake3_n.max(c.blake3_n),
+                zstd_1: o.zstd_1.max(c.zstd_1),
+                aead_1: o.aead_1.max(c.aead_1),
+                seal_n: o.seal_n.max(c.seal_n),
+                open_n: o.open_n.max(c.open_n),
+                compress_ratio: c.compress_ratio,
+            },
+        };
+        self.cpu = Some(best);
+    }
+
+    /// A measurement that was not made, and why.
+    pub fn note(&mut self, what: &str, why: &str) {
+        self.notes.push((what.to_string(), why.to_string()));
+    }
+
+    fn get(&self, k: &str) -> Option<Best> {
+        self.results.get(k).copied()
+    }
+
+    /// The report as Markdown.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let now = jiff::Timestamp::now();
+        let cpu_model =
+            proc::capture(&["sh", "-c", "lscpu | sed -n 's/^Model name: *//p' | head -1"]);
+        let mem = proc::capture(&[
+            "sh",
+            "-c",
+            "awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo",
+        ]);
+        let kernel = proc::capture(&["uname", "-r"]);
+        let disk = proc::capture(&[
+            "sh",
+            "-c",
+            "set -- $(findmnt -no SOURCE,FSTYPE -T /var/tmp | head -1); \
+             rota=$(lsblk -dno ROTA \"$1\" 2>/dev/null | tr -d ' '); \
+             case $rota in 0) r='non-rotational';; 1) r='rotational per the kernel';; *) r='?';; esac; \
+             echo \"$1 ($2, $r)\"",
+        ]);
+        let a = self.allocated;
+        let v = self.size;
+        let _ = writeln!(s, "### Run of {}", now.strftime("%Y-%m-%d %H:%M UTC"));
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "- Machine: {cpu_model}, {} cores, {mem} RAM, kernel {kernel}; work directory on {disk}",
+            self.threads
+        );
+        let _ = writeln!(s, "- Load average (1/5/15 min): {}", self.loads.join("; "));
+        let _ = writeln!(
+            s,
+            "- Disk: mixed qcow2 (scripts/make-mixed-image.sh), {} virtual, {} allocated non-zero; \
+             incremental after {} dirtied in 64 KiB writes spread over the disk",
+            size_h(v),
+            size_h(a),
+            size_h(self.dirty)
+        );
+        let _ = writeln!(
+            s,
+            "- Best of {} interleaved round(s); image in the page cache for every reader; repository \
+             encrypted (key file), 1 MiB chunks, zstd 3. Durability: Lifeboat fsyncs what it \
+             writes (objects, restored image); `qemu-img convert` is followed by `sync FILE`; \
+             nbdcopy writes nothing. MB/s = 10^6 bytes/s.",
+            self.rounds
+        );
+        let _ = writeln!(s);
+
+        // Ceilings.
+        let _ = writeln!(s, "| ceiling | MB/s |");
+        let _ = writeln!(s, "| --- | --- |");
+        let nbd = self.get("ceil.nbdcopy");
+        if let Some(b) = nbd {
+            let _ = writeln!(
+                s,
+                "| NBD read, `nbdcopy` (qemu-nbd export) → null: {:.2} s | {:.0} allocated ({:.0} virtual) |",
+                b.secs,
+                mb(a, b.secs),
+                mb(v, b.secs)
+            );
+        }
+        if let Some(c) = self.cpu {
+            let _ = writeln!(
+                s,
+                "| keyed BLAKE3, 1 core / all {} cores | {:.0} / {:.0} |",
+                self.threads, c.blake3_1, c.blake3_n
+            );
+            let _ = writeln!(
+                s,
+                "| zstd level 3, 1 core (sample compresses to {:.0} %) | {:.0} |",
+                c.compress_ratio * 100.0,
+                c.zstd_1
+            );
+            let _ = writeln!(
+                s,
+                "| XChaCha20-Poly1305 encrypt, 1 core | {:.0} |",
+                c.aead_1
+            );
+            let _ = writeln!(
+                s,
+                "| hash + compress + encrypt, all cores (backup CPU ceiling) | {:.0} |",
+                c.seal_n
+            );
+            let _ = writeln!(
+                s,
+                "| decrypt + decompress + hash, all cores (verify ceiling) | {:.0} |",
+                c.open_n
+            );
+            let _ = writeln!(
+                s,
+                "| (CPU ceilings measured in-process on {} of the image's non-zero 1 MiB chunks) | |",
+                size_h(self.sample_bytes)
+            );
+        }
+        for fmt in ["qcow2", "raw"] {
+            if let Some(b) = self.get(&format!("ceil.convert.{fmt}")) {
+                let _ = writeln!(
+                    s,
+                    "| `qemu-img convert -O {fmt}` + fsync: {:.2} s | {:.0} allocated ({:.0} virtual) |",
+                    b.secs,
+                    mb(a, b.secs),
+                    mb(v, b.secs)
+                );
+            }
+        }
+        let _ = writeln!(s);
+
+        // Lifeboat.
+        let _ = writeln!(
+            s,
+            "| Lifeboat | best s | MB/s virtual | MB/s allocated | ratio | target | | peak RSS MiB | repo |"
+        );
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mut max_rss = 0u64;
+        let mut row = |s: &mut String,
+                       name: &str,
+                       b: Best,
+                       bytes_alloc: u64,
+                       ratio: String,
+                       target: &str,
+                       ok: Option<bool>| {
+            max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
+            let _ = writeln!(
+                s,
+                "| {name} | {:.2} | {:.0} | {:.0} | {ratio} | {target} | {} | {} | {} |",
+                b.secs,
+                mb(v, b.secs),
+                mb(bytes_alloc, b.secs),
+                ok.map_or("", verdict),
+                mib(b.rss_kib),
+                if b.repo_bytes > 0 {
+                    size_h(b.repo_bytes)
+                } else {
+                    String::new()
+                }
+            );
+        };
+        if let Some(b) = self.get("lb.full") {
+            let (ratio, ok) = match (nbd, self.cpu) {
+                (Some(n), Some(c)) => {
+                    let nbd_rate = mb(a, n.secs);
+                    let ceil = nbd_rate.min(c.seal_n);
+                    let r = mb(a, b.secs) / ceil;
+                    (
+                        format!("{r:.2}× min(NBD {nbd_rate:.0}, CPU {:.0})", c.seal_n),
+                        Some(r >= 0.8),
+                    )
+                }
+                _ => ("n/a".into(), None),
+            };
+            row(&mut s, "full backup", b, a, ratio, "≥ 0.8×", ok);
+        }
+        if let Some(b) = self.get("lb.incr") {
+            let full = self.get("lb.full").map(|f| f.secs).unwrap_or(0.0);
+            row(
+                &mut s,
+                &format!("incremental, {} dirty", size_h(self.dirty)),
+                b,
+                self.dirty,
+                format!("{:.0} % of full time", b.secs / full.max(1e-9) * 100.0),
+                "∝ dirty",
+                None,
+            );
+        }
+        for fmt in ["qcow2", "raw"] {
+            if let (Some(b), Some(c)) = (
+                self.get(&format!("lb.restore.{fmt}")),
+                self.get(&format!("ceil.convert.{fmt}")),
+            ) {
+                let r = c.secs / b.secs;
+                row(
+                    &mut s,
+                    &format!("restore → {fmt}"),
+                    b,
+                    a,
+                    format!("{r:.2}× qemu-img convert"),
+                    "≥ 0.8×",
+                    Some(r >= 0.8),
+                );
+            }
+        }
+        if let Some(b) = self.get("lb.verify") {
+            let (ratio, ok) = match self.cpu {
+                Some(c) => {
+                    let r = mb(self.verify_bytes, b.secs) / c.open_n;
+                    (
+                        format!(
+                            "{r:.2}× CPU {:.0} ({} checked)",
+                            c.open_n,
+                            size_h(self.verify_bytes)
+                        ),
+                        Some(r >= 0.8),
+                    )
+                }
+                None => ("n/a".into(), None),
+            };
+            row(
+                &mut s,
+                "verify --read-data",
+                b,
+                self.verify_bytes,
+                ratio,
+                "≥ 0.8×",
+                ok,
+            );
+        }
+        if let Some(b) = self.get("lb.sparse.full") {
+            let _ = writeln!(
+                s,
+                "| 1 TiB sparse qcow2 (64 MiB data): full | {:.2} | {:.0} | | | | | {} | {} |",
+                b.secs,
+                mb(1 << 40, b.secs),
+                mib(b.rss_kib),
+                size_h(b.repo_bytes)
+            );
+            max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
+        }
+        if let Some(b) = self.get("lb.sparse.incr") {
+            max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
+            let _ = writeln!(
+                s,
+                "| 1 TiB sparse: incremental, {} dirty (wall time of the whole command) | {:.2} | {:.0} | | | < 5 s | {} | {} | {} |",
+                size_h(self.sparse_dirty),
+                b.secs,
+                mb(1 << 40, b.secs),
+                verdict(b.secs < 5.0),
+                mib(b.rss_kib),
+                size_h(b.repo_bytes)
+            );
+        }
+        if let Some((secs, rss)) = &self.parallel {
+            let m = rss.iter().copied().max().unwrap_or(0);
+            let sum: u64 = rss.iter().sum();
+            let _ = writeln!(
+                s,
+                "| 4 full backups in parallel (4 processes) | {secs:.2} | {:.0} | {:.0} | | each ≤ 256 MiB | {} | max {:.0}, sum {:.0} | |",
+                mb(4 * v, *secs),
+                mb(4 * a, *secs),
+                verdict(m <= 256 * 1024),
+                m as f64 / 1024.0,
+                sum as f64 / 1024.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| peak RSS of every single Lifeboat run | | | | | ≤ 256 MiB | {} | {:.0} | |",
+            verdict(max_rss <= 256 * 1024),
+            max_rss as f64 / 1024.0
+        );
+        let _ = writeln!(s);
+
+        // Peers.
+        let mut peers = String::new();
+        for (peer, label) in [
+            ("restic", "restic 0.x `backup --stdin`"),
+            ("borg", "borg `create` from stdin, zstd 3"),
+        ] {
+            for (kind, lb) in [("full", "lb.full"), ("incr", "lb.incr")] {
+                if let (Some(p), Some(l)) = (self.get(&format!("{peer}.{kind}")), self.get(lb)) {
+                    let r = p.secs / l.secs;
+                    let target = if peer == "restic" { Some(2.0) } else { None };
+                    let _ = writeln!(
+                        peers,
+                        "| {label}, {kind} | {:.2} | {:.0} | Lifeboat {r:.1}× faster | {} | {} | {} | {} |",
+                        p.secs,
+                        mb(v, p.secs),
+                        target.map_or(String::new(), |t| format!("≥ {t}×")),
+                        target.map_or("", |t| verdict(r >= t)),
+                        mib(p.rss_kib),
+                        size_h(p.repo_bytes)
+                    );
+                }
+            }
+        }
+        if !peers.is_empty() {
+            let _ = writeln!(s, "| peer (same bytes, piped from `nbdcopy … -`) | best s | MB/s virtual | vs Lifeboat | target | | peak RSS MiB | repo |");
+            let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+            s.push_str(&peers);
+            let _ = writeln!(s);
+        }
+        for (what, why) in &self.notes {
+            let _ = writeln!(s, "- {what}: {why}");
+        }
+        s
+    }
+}
+
+const BEGIN: &str = "<!-- bench:begin (written by lifeboat-bench --out) -->";
+const END: &str = "<!-- bench:end -->";
+
+/// Writes `md` into `path`: between the markers if the file has them, else as a new file.
+pub fn write_out(path: &Path, md: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{BEGIN}\n{md}{}", &old[..b], &old[e..])
+        }
+        _ => format!("# Benchmarks\n\n{BEGIN}\n{md}{END}\n"),
+    };
+    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
