@@ -166,6 +166,9 @@ pub async fn backup_vm(
             // Shut off: each disk's bitmap is checked with qemu-img below.
             (Some(b), true) => Ok((b.clone(), selected.iter().map(|s| s.target.clone()).collect())),
         };
+        // Never reuse the base's name (its metadata may be gone while its bitmap stays).
+        let mut existing_cps: Vec<String> = existing_cps;
+        existing_cps.extend(base_name.iter().cloned());
         Ok(Prepared {
             dom,
             active,
