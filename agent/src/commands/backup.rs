@@ -113,7 +113,7 @@ pub async fn backup_vm(
     let parent_uuid = parent_m
         .as_ref()
         .and_then(|m| m.metadata.get("domain_uuid").cloned());
-    let prefix = checkpoints::prefix(&repo.id());
+    let prefix = checkpoints::prefix(repo.id());
 
     let uri = args.connect.clone();
     let vm = name.to_string();
@@ -247,12 +247,12 @@ pub async fn backup_vm(
         .map(|p| p.disk.target.clone())
         .collect();
     let new_cp = (!tracked.is_empty())
-        .then(|| checkpoints::new_name(&repo.id(), &prep.existing_cps));
+        .then(|| checkpoints::new_name(repo.id(), &prep.existing_cps));
     // Prune: our older checkpoints (everything but the new one) once committed.
     let mut prune: Vec<String> = prep
         .existing_cps
         .iter()
-        .filter(|c| c.starts_with(&checkpoints::prefix(&repo.id())))
+        .filter(|c| c.starts_with(&checkpoints::prefix(repo.id())))
         .cloned()
         .collect();
     prune.reverse();
