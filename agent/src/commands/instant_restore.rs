@@ -84,7 +84,7 @@ pub struct StateDisk {
     pub socket: PathBuf,
 }
 
-fn socket_dir_for(storage_dir: &Path) -> PathBuf {
+pub(crate) fn socket_dir_for(storage_dir: &Path) -> PathBuf {
     let h = blake3_hex(storage_dir.to_string_lossy().as_bytes());
     PathBuf::from("/run/lifeboat/instant").join(&h[..16])
 }
@@ -100,21 +100,21 @@ fn blake3_hex(b: &[u8]) -> String {
 }
 
 /// The running NBD server: stops (and removes its sockets) when dropped.
-struct Serving {
+pub(crate) struct Serving {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     sources: Vec<(String, Arc<RepoSource>)>,
 }
 
 impl Serving {
-    async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
     }
 
-    fn failures(&self) -> Option<String> {
+    pub(crate) fn failures(&self) -> Option<String> {
         self.sources.iter().find_map(|(d, s)| {
             let (n, last) = s.failures();
             (n > 0).then(|| {
@@ -134,7 +134,7 @@ impl Drop for Serving {
 }
 
 /// Load every index, start serving each disk on its socket.
-async fn serve(
+pub(crate) async fn serve(
     repo: &Arc<Repository>,
     manifest: &Manifest,
     disks: &[StateDisk],
@@ -198,6 +198,28 @@ async fn serve(
 
 fn backing_uri(target: &str, socket: &Path) -> String {
     format!("nbd+unix:///{target}?socket={}", socket.display())
+}
+
+/// Creates each disk's local qcow2 overlay backed by its NBD export (`disks` and
+/// `manifest.disks` in the same order).
+pub(crate) async fn create_overlays(manifest: &Manifest, disks: &[StateDisk]) -> Result<()> {
+    for (sd, d) in disks.iter().zip(&manifest.disks) {
+        let mut opts: Vec<(String, String)> = vec![
+            ("backing_file".into(), backing_uri(&sd.target, &sd.socket)),
+            ("backing_fmt".into(), "raw".into()),
+        ];
+        if d.format == "qcow2" {
+            if let Some(cs) = d.create_options.get("cluster_size") {
+                opts.push(("cluster_size".into(), cs.clone()));
+            }
+        }
+        vmdisk::qemu::create_image(&sd.overlay, "qcow2", d.virtual_size, &opts)
+            .await
+            .ctx(ErrorKind::Target, || {
+                format!("cannot create the overlay '{}'", sd.overlay.display())
+            })?;
+    }
+    Ok(())
 }
 
 /// `lifeboat instant-restore`
@@ -294,22 +316,7 @@ pub async fn run(global: &GlobalOpts, args: InstantRestoreArgs) -> Result<()> {
     };
 
     let serving = serve(&repo, &manifest, &state.disks, args.cache_chunks).await?;
-    for (sd, d) in state.disks.iter().zip(&manifest.disks) {
-        let mut opts: Vec<(String, String)> = vec![
-            ("backing_file".into(), backing_uri(&sd.target, &sd.socket)),
-            ("backing_fmt".into(), "raw".into()),
-        ];
-        if d.format == "qcow2" {
-            if let Some(cs) = d.create_options.get("cluster_size") {
-                opts.push(("cluster_size".into(), cs.clone()));
-            }
-        }
-        vmdisk::qemu::create_image(&sd.overlay, "qcow2", d.virtual_size, &opts)
-            .await
-            .ctx(ErrorKind::Target, || {
-                format!("cannot create the overlay '{}'", sd.overlay.display())
-            })?;
-    }
+    create_overlays(&manifest, &state.disks).await?;
     write_state(&vm_dir, &state)?;
     relocate::define(&prepared, true).await?;
     let running_after = t0.elapsed();
