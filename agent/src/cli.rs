@@ -63,6 +63,87 @@ pub enum Command {
     InstantRestore(InstantRestoreArgs),
     /// Check the repository: every snapshot, index and (with --read-data) chunk.
     Verify(VerifyArgs),
+    /// Before a patch: a backup into the repository plus a local rollback point (disk
+    /// overlays, memory with --memory) taken at the same frozen moment, with an expiry.
+    Protect(ProtectArgs),
+    /// Return a VM to its rollback point (or, with --from-backup, to protect's backup).
+    Rollback(RollbackArgs),
+    /// "The patch went fine": consolidate the rollback point into the disks now.
+    Commit(CommitArgs),
+    /// Consolidate every expired rollback point and repair interrupted ones (run by a timer).
+    Reconcile(ReconcileArgs),
+    /// List every snapshot, overlay chain and checkpoint on the host; flag what is past policy.
+    AuditSnapshots(AuditSnapshotsArgs),
+}
+
+/// `lifeboat protect`
+#[derive(Debug, Args)]
+pub struct ProtectArgs {
+    /// Domain name.
+    pub vm: String,
+    /// How long the rollback point lives (e.g. 4h, 30m, 1d); `reconcile` consolidates it after.
+    #[arg(long, value_name = "DURATION")]
+    pub rollback_for: String,
+    /// Why (stored with the rollback point).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Also save the memory state, so that rollback resumes the running guest.
+    #[arg(long)]
+    pub memory: bool,
+    /// libvirt URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Guest filesystem freeze policy (protect promises an application-consistent backup).
+    #[arg(long, value_enum, default_value = "required")]
+    pub quiesce: QuiesceArg,
+    /// Hard limit on the freeze in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub freeze_limit: u64,
+    /// A tag to attach to the backup (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Internal/testing: take only the rollback point, without a backup.
+    #[arg(long, hide = true)]
+    pub no_backup: bool,
+}
+
+/// `lifeboat rollback`
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Domain name.
+    pub vm: String,
+    /// libvirt URI (used when no rollback point records one).
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// If the rollback point is gone, restore the VM from the backup `protect` took.
+    #[arg(long)]
+    pub from_backup: bool,
+}
+
+/// `lifeboat commit`
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Domain name.
+    pub vm: String,
+}
+
+/// `lifeboat reconcile`
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Only rollback points on this libvirt URI (default: all).
+    #[arg(long)]
+    pub connect: Option<String>,
+}
+
+/// `lifeboat audit-snapshots`
+#[derive(Debug, Args)]
+pub struct AuditSnapshotsArgs {
+    /// Policy: flag what is older than this (e.g. 24h, 7d).
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub older_than: String,
+    /// libvirt URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
 }
 
 /// `lifeboat repo ...`

@@ -15,6 +15,6 @@ pub mod logging;
 pub mod pipeline;
 pub mod relocate;
 pub mod repo;
+pub mod rollback;
 pub mod signals;
-pub mod vm;
 pub mod vm;

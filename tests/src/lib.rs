@@ -13,6 +13,7 @@
 //! Tests need root and fail (never skip) with a message naming `scripts/install-deps.sh` when a
 //! tool is missing.
 
+mod bin;
 mod cmd;
 mod env;
 mod ext4;
@@ -20,6 +21,7 @@ mod second_host;
 mod slots;
 mod vm;
 
+pub use bin::lifeboat_bin;
 pub use cmd::{run, run_output, scripts_dir, virsh, virsh_timeout, wait_until};
 pub use env::{
     ensure_libvirt, require_root, test_guest, GuestFiles, DOMAIN_PREFIX, SYSTEM_URI, VM_ROOT,

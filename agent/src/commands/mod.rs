@@ -1,11 +1,16 @@
 //! One module per command. Each returns `Result<()>` and prints text or, with `--json`, one JSON
 //! document on stdout.
 
+pub mod audit;
 pub mod backup;
 pub mod backup_image;
+pub mod commit;
 pub mod instant_restore;
+pub mod protect;
+pub mod reconcile;
 pub mod repo;
 pub mod restore;
+pub mod rollback;
 pub mod snapshots;
 pub mod verify;
 
@@ -26,6 +31,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Restore(a) => restore::run(g, a).await,
         Command::InstantRestore(a) => instant_restore::run(g, a).await,
         Command::Verify(a) => verify::run(g, a).await,
+        Command::Protect(a) => protect::run(g, a).await,
+        Command::Rollback(a) => rollback::run(g, a).await,
+        Command::Commit(a) => commit::run(g, a).await,
+        Command::Reconcile(a) => reconcile::run(g, a).await,
+        Command::AuditSnapshots(a) => audit::run(g, a).await,
     }
 }
 
