@@ -212,11 +212,20 @@ impl Drop for DomainGuard {
 #[test]
 fn instant_restore_small_and_large_disk() -> Result<()> {
     let s = Scratch::new("instant")?;
-    // The first define/start after libvirtd was idle is slower (cold caches): warm up with a
-    // small run (fully checked too), then measure small and large.
-    instant_case(&s, "warmup", 1024 * MIB)?;
-    let small = instant_case(&s, "small", 1024 * MIB)?;
-    let large = instant_case(&s, "large", 16 * 1024 * MIB)?;
+    // Time to running is ~1 s and the host is shared (other tests, 2 cores): take the best of
+    // two runs per size, so that a momentary load spike does not decide the comparison. Every
+    // run is fully checked.
+    let best = |tag: &str, size: u64| -> Result<Outcome> {
+        let a = instant_case(&s, &format!("{tag}1"), size)?;
+        let b = instant_case(&s, &format!("{tag}2"), size)?;
+        Ok(if a.running_after <= b.running_after {
+            a
+        } else {
+            b
+        })
+    };
+    let small = best("small", 1024 * MIB)?;
+    let large = best("large", 16 * 1024 * MIB)?;
     let (a, b) = (small.running_after, large.running_after);
     eprintln!(
         "time to running: small {a:.2} s, large {b:.2} s (seen {:?} / {:?})",
