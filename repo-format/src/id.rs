@@ -87,6 +87,11 @@ id_type!(
     "snapshot id"
 );
 id_type!(
+    /// Id of a boot-test result: keyed BLAKE3 of its plaintext JSON.
+    BootTestId,
+    "boot-test result id"
+);
+id_type!(
     /// Id of a key slot (random).
     KeySlotId,
     "key slot id"

@@ -17,10 +17,13 @@
 //! - [`backend::Backend`]: the small object-store trait (conditional put, get, exists, list,
 //!   delete) with [`backend::LocalBackend`], [`backend::MemoryBackend`] and the fault-injecting
 //!   [`backend::FaultyBackend`].
+//! - [`BootTestResult`]: the outcome of booting a snapshot in a sandbox (verdict, RTO, checks,
+//!   evidence), stored next to the snapshot by [`Repository::store_boot_test`].
 //! - [`Error`] with its [`ErrorKind`].
 //!
-//! Format code (ids, keys, sealing, index and manifest encoding) does no I/O; only
-//! [`backend`] and [`Repository`]'s storage methods do.
+//! Format code (ids, keys, sealing, index, manifest and boot-test encoding) does no I/O; only
+//! [`backend`] and [`Repository`]'s storage methods do (`repository.rs`, and the boot-test
+//! storage methods in `boottest_store.rs`).
 //!
 //! # Example
 //!
@@ -50,6 +53,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod backend;
+mod boottest;
+mod boottest_store;
 mod config;
 mod crypto;
 mod error;
@@ -61,10 +66,11 @@ mod object;
 mod repository;
 
 pub use backend::{Backend, FaultyBackend, LocalBackend, MemoryBackend};
+pub use boottest::{BootTestResult, CheckKind, CheckResult, Verdict};
 pub use config::{validate_chunk_size, Config, EncryptionScheme};
 pub use crypto::{KdfParams, KeyFile, KeySlotKind, Secret};
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use id::{ChunkId, IndexId, KeySlotId, SnapshotId};
+pub use id::{BootTestId, ChunkId, IndexId, KeySlotId, SnapshotId};
 pub use index::DiskIndex;
 pub use manifest::{BackupMode, DiskEntry, Manifest, SnapshotKind};
 pub use repository::{

@@ -30,7 +30,7 @@ pub const KIND_CHUNK: u8 = 1;
 pub const KIND_INDEX: u8 = 2;
 /// Object kind byte: a snapshot manifest.
 pub const KIND_MANIFEST: u8 = 3;
-/// Object kind byte: reserved for boot-test results (not implemented).
+/// Object kind byte: a boot-test result.
 pub const KIND_BOOT_TEST: u8 = 4;
 /// Object flag: payload is zstd-compressed.
 pub const FLAG_ZSTD: u8 = 0b0000_0001;
@@ -75,6 +75,11 @@ pub const PREFIX_CHUNKS: &str = "chunks/";
 pub const PREFIX_INDEXES: &str = "indexes/";
 /// Backend prefix of snapshot manifests.
 pub const PREFIX_SNAPSHOTS: &str = "snapshots/";
+
+/// Backend prefix of boot-test results (`boottests/<snapshot id>/<result id>`).
+pub const PREFIX_BOOT_TESTS: &str = "boottests/";
+/// Boot-test result JSON version.
+pub const BOOT_TEST_VERSION: u32 = 1;
 
 /// Decompression limit for indexes and manifests (refuses zstd bombs).
 pub const MAX_METADATA_OBJECT: usize = 64 * 1024 * 1024;

@@ -363,6 +363,16 @@ impl Repository {
         &self.backend
     }
 
+    /// The object keys (none when unencrypted), for sealing other object kinds in this crate.
+    pub(crate) fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    /// Reads an object, mapping a missing one to [`ErrorKind::NotFound`] naming it.
+    pub(crate) fn get_named(&self, key: &str, what: &str) -> Result<Vec<u8>> {
+        self.get_object(key, what)
+    }
+
     // ---- pure CPU work ----
 
     /// The id of a chunk with this plaintext. No I/O.
