@@ -166,14 +166,26 @@ fn protect_patch_then_rollback() -> Result<()> {
     let vm = boot()?;
     vm.exec_ok("echo before > /mnt/vdb/before.txt && sync")?;
     let j = protect(&env, &vm, "4h")?;
-    let snap = j["backup"]["snapshot"].as_str().context("backup snapshot id")?;
+    let snap = j["backup"]["snapshot"]
+        .as_str()
+        .context("backup snapshot id")?;
     ensure!(
         j["backup"]["quiesce"] == "application-consistent",
         "backup not application-consistent: {}",
         j["backup"]
     );
-    let desc = virsh(SYSTEM_URI, &["snapshot-dumpxml", &vm.name, j["rollback_point"].as_str().unwrap_or("")])?;
-    ensure!(desc.contains("kernel update") && desc.contains("expires"), "label: {desc}");
+    let desc = virsh(
+        SYSTEM_URI,
+        &[
+            "snapshot-dumpxml",
+            &vm.name,
+            j["rollback_point"].as_str().unwrap_or(""),
+        ],
+    )?;
+    ensure!(
+        desc.contains("kernel update") && desc.contains("expires"),
+        "label: {desc}"
+    );
     // The patch.
     vm.exec_ok("echo patched > /mnt/vdb/patch.txt && echo changed > /mnt/vdb/before.txt && sync")?;
 
@@ -186,7 +198,10 @@ fn protect_patch_then_rollback() -> Result<()> {
     );
     ensure!(vm.is_running()?, "VM not running after rollback");
     let boot = vm.wait_agent(Duration::from_secs(120))?;
-    eprintln!("guest agent answered {:.1} s after rollback", boot.as_secs_f64());
+    eprintln!(
+        "guest agent answered {:.1} s after rollback",
+        boot.as_secs_f64()
+    );
     ensure!(
         vm.exec_ok("cat /mnt/vdb/before.txt")?.trim() == "before",
         "file not rolled back"
@@ -212,7 +227,9 @@ fn protect_then_commit_keeps_incremental_backups() -> Result<()> {
     vm.exec_ok("dd if=/dev/urandom of=/mnt/vdb/old.bin bs=1M count=8 && sync")?;
     protect(&env, &vm, "4h")?;
     // The patch: 4 MiB of new data.
-    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     vm.write_file("/mnt/vdb/new.bin", &data)?;
     vm.exec_ok("sync")?;
 
@@ -224,22 +241,36 @@ fn protect_then_commit_keeps_incremental_backups() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     assert_consolidated(&env, &vm)?;
-    ensure!(vm.exec_ok("ls /mnt/vdb")?.contains("new.bin"), "data lost by commit");
+    ensure!(
+        vm.exec_ok("ls /mnt/vdb")?.contains("new.bin"),
+        "data lost by commit"
+    );
 
     let b = env.json(&["backup", &vm.name])?;
     let disk = &b["disks"][0];
     eprintln!("backup after commit: {b}");
     ensure!(b["mode"] == "incremental", "not incremental: {b}");
     let read = disk["bytes_read"].as_u64().unwrap_or(u64::MAX);
-    ensure!(read <= 16 << 20, "incremental read {read} bytes for a 4 MiB change");
+    ensure!(
+        read <= 16 << 20,
+        "incremental read {read} bytes for a 4 MiB change"
+    );
 
     let snap = b["snapshot"].as_str().context("snapshot")?;
-    let to = tempfile::Builder::new().prefix("lifeboat-protect-restore-").tempdir_in("/var/tmp")?;
-    let o = env.run(&["restore", snap, "--to", &to.path().to_string_lossy()], None)?;
+    let to = tempfile::Builder::new()
+        .prefix("lifeboat-protect-restore-")
+        .tempdir_in("/var/tmp")?;
+    let o = env.run(
+        &["restore", snap, "--to", &to.path().to_string_lossy()],
+        None,
+    )?;
     ensure!(o.status.success(), "restore: {}", stderr(&o));
     let img = to.path().join("vdb.qcow2");
     check_ext4(&img)?;
-    ensure!(read_file_from_ext4(&img, "/new.bin")? == data, "restored new.bin differs");
+    ensure!(
+        read_file_from_ext4(&img, "/new.bin")? == data,
+        "restored new.bin differs"
+    );
     ensure!(
         read_file_from_ext4(&img, "/old.bin")?.len() == 8 << 20,
         "restored old.bin wrong"
@@ -273,7 +304,12 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
     let base = vm.disk_path("vdb");
     vm.exec_ok("echo v1 > /mnt/vdb/f.txt && sync")?;
     let args = |rf: &'static str| -> Vec<String> {
-        vec!["protect".into(), vm.name.clone(), "--rollback-for".into(), rf.into()]
+        vec![
+            "protect".into(),
+            vm.name.clone(),
+            "--rollback-for".into(),
+            rf.into(),
+        ]
     };
     let a4h = args("4h");
     let a4h: Vec<&str> = a4h.iter().map(String::as_str).collect();
@@ -290,7 +326,10 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
     })?;
     let o = env.run(&["commit", &vm.name], None)?;
     let msg = stderr(&o);
-    ensure!(msg.contains("interrupted"), "commit after killed protect: {msg}");
+    ensure!(
+        msg.contains("interrupted"),
+        "commit after killed protect: {msg}"
+    );
     assert_consolidated(&env, &vm)?;
     ensure!(vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v1", "data");
 
@@ -302,7 +341,10 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
     let r = env.json(&["rollback", &vm.name])?;
     ensure!(r.to_string().contains("interrupted"), "{r}");
     vm.wait_agent(Duration::from_secs(120))?;
-    ensure!(vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v1", "not rolled back");
+    ensure!(
+        vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v1",
+        "not rolled back"
+    );
     assert_consolidated(&env, &vm)?;
 
     // commit: killed after the pivot.
@@ -312,7 +354,10 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
     let r = env.json(&["reconcile"])?;
     ensure!(r["points"][0]["action"] == "repaired", "{r}");
     assert_consolidated(&env, &vm)?;
-    ensure!(vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v3", "commit lost data");
+    ensure!(
+        vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v3",
+        "commit lost data"
+    );
 
     // reconcile: killed before deleting the overlay.
     protect(&env, &vm, "1s")?;
@@ -332,13 +377,7 @@ fn protect_with_memory_rolls_back_the_running_guest() -> Result<()> {
     let env = Env::new()?;
     let vm = boot()?;
     vm.exec_ok("echo before > /mnt/vdb/m.txt && sync")?;
-    let j = env.json(&[
-        "protect",
-        &vm.name,
-        "--rollback-for",
-        "4h",
-        "--memory",
-    ])?;
+    let j = env.json(&["protect", &vm.name, "--rollback-for", "4h", "--memory"])?;
     let mem = j["memory"].as_str().context("memory file")?.to_string();
     ensure!(Path::new(&mem).exists(), "no memory file");
     // Proof of a resumed (not rebooted) guest: a tmpfs file written before protect... the
@@ -357,10 +396,16 @@ fn protect_with_memory_rolls_back_the_running_guest() -> Result<()> {
         .trim()
         .parse()
         .unwrap_or(0.0);
-    ensure!(up_after >= up_before - 1.0, "guest rebooted: uptime {up_before} → {up_after}");
+    ensure!(
+        up_after >= up_before - 1.0,
+        "guest rebooted: uptime {up_before} → {up_after}"
+    );
     ensure!(vm.fsfreeze_status()? == "thawed", "guest left frozen");
     vm.exec_ok("echo 3 > /proc/sys/vm/drop_caches")?;
-    ensure!(vm.exec_ok("cat /mnt/vdb/m.txt")?.trim() == "before", "not rolled back");
+    ensure!(
+        vm.exec_ok("cat /mnt/vdb/m.txt")?.trim() == "before",
+        "not rolled back"
+    );
     ensure!(!Path::new(&mem).exists(), "memory file left");
     assert_consolidated(&env, &vm)?;
     Ok(())
@@ -370,17 +415,26 @@ fn protect_with_memory_rolls_back_the_running_guest() -> Result<()> {
 fn audit_finds_a_snapshot_made_by_hand() -> Result<()> {
     let env = Env::new()?;
     let vm = boot()?;
-    virsh(SYSTEM_URI, &[
-        "snapshot-create-as",
-        "--domain",
-        &vm.name,
-        "--name",
-        "by-hand",
-        "--disk-only",
-        "--atomic",
-    ])?;
+    virsh(
+        SYSTEM_URI,
+        &[
+            "snapshot-create-as",
+            "--domain",
+            &vm.name,
+            "--name",
+            "by-hand",
+            "--disk-only",
+            "--atomic",
+        ],
+    )?;
     std::thread::sleep(Duration::from_secs(2));
-    let a = env.json(&["audit-snapshots", "--older-than", "1s", "--connect", SYSTEM_URI])?;
+    let a = env.json(&[
+        "audit-snapshots",
+        "--older-than",
+        "1s",
+        "--connect",
+        SYSTEM_URI,
+    ])?;
     let d = a["domains"]
         .as_array()
         .and_then(|l| l.iter().find(|d| d["name"] == vm.name.as_str()))
@@ -390,12 +444,25 @@ fn audit_finds_a_snapshot_made_by_hand() -> Result<()> {
         .and_then(|l| l.iter().find(|s| s["name"] == "by-hand"))
         .with_context(|| format!("snapshot by-hand not found: {d}"))?;
     ensure!(s["kind"] == "external" && s["lifeboat"] == false, "{s}");
-    ensure!(!s["flags"].as_array().is_some_and(|f| f.is_empty()), "not flagged: {s}");
+    ensure!(
+        !s["flags"].as_array().is_some_and(|f| f.is_empty()),
+        "not flagged: {s}"
+    );
     let chain = d["disks"][0]["chain"].as_array().context("chain")?;
     ensure!(chain.len() == 2, "chain: {chain:?}");
-    ensure!(chain[0]["actual_size"].as_u64().is_some(), "no overlay size");
-    ensure!(a["flagged"].as_u64().unwrap_or(0) >= 2, "flagged: {}", a["flagged"]);
+    ensure!(
+        chain[0]["actual_size"].as_u64().is_some(),
+        "no overlay size"
+    );
+    ensure!(
+        a["flagged"].as_u64().unwrap_or(0) >= 2,
+        "flagged: {}",
+        a["flagged"]
+    );
     let text = env.run(&["audit-snapshots", "--older-than", "1s"], None)?;
-    ensure!(String::from_utf8_lossy(&text.stdout).contains("by-hand"), "text table");
+    ensure!(
+        String::from_utf8_lossy(&text.stdout).contains("by-hand"),
+        "text table"
+    );
     Ok(())
 }

@@ -36,7 +36,10 @@ pub async fn run(global: &GlobalOpts, args: ReconcileArgs) -> Result<()> {
                     let o = ops::consolidate(&hv, &mut st)?;
                     Ok((
                         "consolidated".into(),
-                        format!("expired at {}; consolidated in {:.1} s", st.expires, o.seconds),
+                        format!(
+                            "expired at {}; consolidated in {:.1} s",
+                            st.expires, o.seconds
+                        ),
                     ))
                 } else {
                     Ok(("kept".into(), format!("expires {}", st.expires)))

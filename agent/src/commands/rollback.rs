@@ -27,26 +27,28 @@ pub async fn run(global: &GlobalOpts, args: RollbackArgs) -> Result<()> {
     let lock = state::lock(&vm)?;
     let vm2 = vm.clone();
     let default_uri = args.connect.clone();
-    let r = blocking(move || -> Result<std::result::Result<(ops::Outcome, Vec<String>), String>> {
-        let Some(mut st) = state::load(&vm2)? else {
-            return Ok(Err(format!("{vm2} has no rollback point")));
-        };
-        let hv = Hypervisor::connect(&st.uri).map_err(|e| src(e, "connect to libvirt"))?;
-        let mut notes = Vec::new();
-        match (st.phase, st.complete) {
-            (Phase::Ready, true) | (Phase::RollingBack, _) => {
-                if st.phase == Phase::RollingBack {
-                    notes.push("finishing an interrupted rollback".to_string());
+    let r = blocking(
+        move || -> Result<std::result::Result<(ops::Outcome, Vec<String>), String>> {
+            let Some(mut st) = state::load(&vm2)? else {
+                return Ok(Err(format!("{vm2} has no rollback point")));
+            };
+            let hv = Hypervisor::connect(&st.uri).map_err(|e| src(e, "connect to libvirt"))?;
+            let mut notes = Vec::new();
+            match (st.phase, st.complete) {
+                (Phase::Ready, true) | (Phase::RollingBack, _) => {
+                    if st.phase == Phase::RollingBack {
+                        notes.push("finishing an interrupted rollback".to_string());
+                    }
+                    let o = ops::rollback(&hv, &mut st)?;
+                    Ok(Ok((o, notes)))
                 }
-                let o = ops::rollback(&hv, &mut st)?;
-                Ok(Ok((o, notes)))
+                _ => {
+                    let msg = ops::repair(&hv, &mut st)?.unwrap_or_default();
+                    Ok(Err(format!("{vm2}: {msg}")))
+                }
             }
-            _ => {
-                let msg = ops::repair(&hv, &mut st)?.unwrap_or_default();
-                Ok(Err(format!("{vm2}: {msg}")))
-            }
-        }
-    })
+        },
+    )
     .await?;
     let _ = default_uri;
     match r {
@@ -57,7 +59,10 @@ pub async fn run(global: &GlobalOpts, args: RollbackArgs) -> Result<()> {
                 "vm": vm, "rolled_back": true, "seconds": o.seconds,
                 "deleted": o.deleted, "notes": all_notes,
             });
-            let mut text = format!("{vm}: rolled back to the rollback point in {:.1} s", o.seconds);
+            let mut text = format!(
+                "{vm}: rolled back to the rollback point in {:.1} s",
+                o.seconds
+            );
             for n in notes.iter().chain(o.notes.iter()) {
                 text.push_str(&format!("\n  {n}"));
             }
@@ -77,10 +82,11 @@ pub async fn run(global: &GlobalOpts, args: RollbackArgs) -> Result<()> {
                 .as_ref()
                 .map(|l| format!(" (it was consolidated at {})", l.updated))
                 .unwrap_or_default();
-            let confirmed = args.from_backup || confirm(&format!(
-                "{why}{gone}. Restore {vm} from the backup {} taken by protect? [y/N] ",
-                b.snapshot
-            ));
+            let confirmed = args.from_backup
+                || confirm(&format!(
+                    "{why}{gone}. Restore {vm} from the backup {} taken by protect? [y/N] ",
+                    b.snapshot
+                ));
             if !confirmed {
                 return Err(Error::new(
                     ErrorKind::Usage,
@@ -90,7 +96,10 @@ pub async fn run(global: &GlobalOpts, args: RollbackArgs) -> Result<()> {
                     ),
                 ));
             }
-            let uri = last.as_ref().map(|l| l.uri.clone()).unwrap_or(args.connect.clone());
+            let uri = last
+                .as_ref()
+                .map(|l| l.uri.clone())
+                .unwrap_or(args.connect.clone());
             from_backup(global, &vm, &uri, &b.snapshot).await
         }
     }
@@ -112,7 +121,9 @@ async fn from_backup(global: &GlobalOpts, vm: &str, uri: &str, snapshot: &str) -
     let (vm2, uri2) = (vm.to_string(), uri.to_string());
     let disks = blocking(move || {
         let hv = Hypervisor::connect(&uri2).map_err(|e| src(e, "connect to libvirt"))?;
-        let dom = hv.domain(&vm2).map_err(|e| src(e, format!("no domain {vm2}")))?;
+        let dom = hv
+            .domain(&vm2)
+            .map_err(|e| src(e, format!("no domain {vm2}")))?;
         dom.disks().map_err(|e| src(e, "read disks"))
     })
     .await?;
@@ -122,7 +133,12 @@ async fn from_backup(global: &GlobalOpts, vm: &str, uri: &str, snapshot: &str) -
         .ok_or_else(|| Error::new(ErrorKind::Usage, format!("{vm} has no file disk")))?;
     let dir = first
         .parent()
-        .map(|p| p.join(format!("{vm}.restored-{}", jiff::Timestamp::now().as_second())))
+        .map(|p| {
+            p.join(format!(
+                "{vm}.restored-{}",
+                jiff::Timestamp::now().as_second()
+            ))
+        })
         .unwrap_or_else(|| PathBuf::from(format!("{vm}.restored")));
     let rargs = RestoreArgs {
         snapshot: snapshot.to_string(),
@@ -134,27 +150,45 @@ async fn from_backup(global: &GlobalOpts, vm: &str, uri: &str, snapshot: &str) -
         define: false,
         start: false,
         name: None,
-        network: NetworkArgs { network_map: Vec::new(), no_network: false },
+        network: NetworkArgs {
+            network_map: Vec::new(),
+            no_network: false,
+        },
     };
-    let quiet = GlobalOpts { quiet: true, json: false, ..global.clone() };
+    let quiet = GlobalOpts {
+        quiet: true,
+        json: false,
+        ..global.clone()
+    };
     super::restore::run(&quiet, rargs).await?;
     let (vm2, uri2, dir2) = (vm.to_string(), uri.to_string(), dir.clone());
     let changed = blocking(move || {
         let hv = Hypervisor::connect(&uri2).map_err(|e| src(e, "connect to libvirt"))?;
-        let dom = hv.domain(&vm2).map_err(|e| src(e, format!("no domain {vm2}")))?;
+        let dom = hv
+            .domain(&vm2)
+            .map_err(|e| src(e, format!("no domain {vm2}")))?;
         let mut map = BTreeMap::new();
         for d in dom.disks().map_err(|e| src(e, "read disks"))? {
             for f in ["qcow2", "raw"] {
                 let p = dir2.join(format!("{}.{f}", d.target));
                 if p.exists() {
-                    map.insert(d.target.clone(), DiskSourceSpec { path: p, format: f.into() });
+                    map.insert(
+                        d.target.clone(),
+                        DiskSourceSpec {
+                            path: p,
+                            format: f.into(),
+                        },
+                    );
                 }
             }
         }
         dom.destroy().map_err(|e| src(e, "stop the domain"))?;
         let xml = dom.xml(true).map_err(|e| src(e, "read domain XML"))?;
-        let new = set_disk_sources(&xml, &map).map_err(|e| src(e, "point disks to the restored images"))?;
-        let dom = hv.define_xml(&new).map_err(|e| src(e, "redefine the domain"))?;
+        let new = set_disk_sources(&xml, &map)
+            .map_err(|e| src(e, "point disks to the restored images"))?;
+        let dom = hv
+            .define_xml(&new)
+            .map_err(|e| src(e, "redefine the domain"))?;
         dom.start().map_err(|e| src(e, "start the domain"))?;
         Ok(map.keys().cloned().collect::<Vec<_>>())
     })

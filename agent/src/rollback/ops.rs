@@ -21,9 +21,9 @@ use crate::libvirt::snapshot::{DiskSourceSpec, SnapshotDiskSpec, SnapshotSpec};
 use crate::libvirt::{self, parse_domain_xml, DiskDevice, Dom, Hypervisor};
 
 /// Test hook: `LIFEBOAT_TEST_CRASH_AT=<point>` aborts the process (no cleanup, like `kill -9`)
-/// when it reaches that point. Points: `protect-after-snapshot`, `protect-before-backup-commit`
-/// (not reached: see `commands::protect`), `rollback-after-destroy`, `rollback-after-redefine`,
-/// `commit-after-first-pivot`, `commit-before-cleanup`.
+/// when it reaches that point: `protect-after-snapshot` (inside the backup's frozen window),
+/// `protect-before-complete`, `rollback-after-destroy`, `rollback-after-redefine`,
+/// `commit-after-first-pivot`, `commit-before-cleanup` (also reached by `reconcile`).
 pub const CRASH_ENV: &str = "LIFEBOAT_TEST_CRASH_AT";
 
 /// Aborts the process if [`CRASH_ENV`] names `point`.
@@ -98,8 +98,9 @@ pub fn bitmaps(image: &Path, format: &str) -> Result<Vec<String>> {
         format.as_ref(),
         image.as_os_str(),
     ])?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .ctx(ErrorKind::Other, || "qemu-img info printed invalid JSON".into())?;
+    let v: serde_json::Value = serde_json::from_str(&out).ctx(ErrorKind::Other, || {
+        "qemu-img info printed invalid JSON".into()
+    })?;
     Ok(v.pointer("/format-specific/data/bitmaps")
         .and_then(|b| b.as_array())
         .map(|a| {
@@ -129,11 +130,7 @@ fn stamp(t: Timestamp) -> String {
 /// `<disk file>.lifeboat-rb-<time>.qcow2`; every writable file disk gets one. Other disks
 /// (network, block, read-only, shareable, CD-ROM) make the plan fail, except CD-ROMs and
 /// read-only disks, which are left out of the snapshot (rolling back does not concern them).
-pub fn plan(
-    dom: &Dom,
-    uri: &str,
-    opts: &TakeOptions,
-) -> Result<(RollbackState, Vec<String>)> {
+pub fn plan(dom: &Dom, uri: &str, opts: &TakeOptions) -> Result<(RollbackState, Vec<String>)> {
     let vm = dom.name().to_string();
     let info = parse_domain_xml(&dom.xml(false).map_err(|e| src(e, "read domain XML"))?)
         .map_err(|e| src(e, "parse domain XML"))?;
@@ -159,9 +156,9 @@ pub fn plan(
                 return Err(Error::new(
                     ErrorKind::Usage,
                     format!(
-                        "disk {} of {vm} is not a file ({other:?}): rollback points need file disks",
-                        d.target
-                    ),
+                    "disk {} of {vm} is not a file ({other:?}): rollback points need file disks",
+                    d.target
+                ),
                 ))
             }
         };
@@ -169,8 +166,7 @@ pub fn plan(
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_else(|| d.target.clone());
-        let overlay = base
-            .with_file_name(format!("{file}.{name}.qcow2"));
+        let overlay = base.with_file_name(format!("{file}.{name}.qcow2"));
         disks.push(RbDisk {
             target: d.target.clone(),
             base,
@@ -184,13 +180,13 @@ pub fn plan(
             format!("{vm} has no writable file disk to protect"),
         ));
     }
-    let memory = opts.memory.then(|| {
-        disks[0]
-            .base
-            .with_file_name(format!("{vm}.{name}.mem"))
-    });
+    let memory = opts
+        .memory
+        .then(|| disks[0].base.with_file_name(format!("{vm}.{name}.mem")));
     let expires = now
-        .checked_add(jiff::SignedDuration::try_from(opts.rollback_for).unwrap_or(jiff::SignedDuration::MAX))
+        .checked_add(
+            jiff::SignedDuration::try_from(opts.rollback_for).unwrap_or(jiff::SignedDuration::MAX),
+        )
         .unwrap_or(Timestamp::MAX);
     let st = RollbackState {
         version: 1,
@@ -219,7 +215,9 @@ pub fn description(st: &RollbackState) -> String {
         st.reason.as_deref().unwrap_or("-"),
         st.created,
         st.expires,
-        state::path(&st.vm).map(|p| p.display().to_string()).unwrap_or_default()
+        state::path(&st.vm)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     )
 }
 
@@ -244,8 +242,12 @@ pub fn take(dom: &Dom, st: &mut RollbackState, excluded: &[String], frozen: bool
         excluded: excluded.to_vec(),
         memory: st.memory.clone(),
     };
-    dom.create_external_snapshot(&spec)
-        .map_err(|e| src(e, format!("cannot create the rollback snapshot of {}", st.vm)))?;
+    dom.create_external_snapshot(&spec).map_err(|e| {
+        src(
+            e,
+            format!("cannot create the rollback snapshot of {}", st.vm),
+        )
+    })?;
     st.phase = Phase::Ready;
     state::save(st)?;
     crash_point("protect-after-snapshot");
@@ -256,7 +258,8 @@ pub fn take(dom: &Dom, st: &mut RollbackState, excluded: &[String], frozen: bool
 fn xmls(dom: &Dom) -> Result<(String, String)> {
     Ok((
         dom.xml(false).map_err(|e| src(e, "read domain XML"))?,
-        dom.xml(true).map_err(|e| src(e, "read persistent domain XML"))?,
+        dom.xml(true)
+            .map_err(|e| src(e, "read persistent domain XML"))?,
     ))
 }
 
@@ -353,9 +356,7 @@ fn redefine_on_bases(hv: &Hypervisor, dom: &Dom, st: &RollbackState) -> Result<b
 /// Deletes checkpoint metadata whose bitmap is missing from a qcow2 base image (checkpoints
 /// made after the rollback point lived only in the discarded overlays). Returns their names.
 fn drop_orphan_checkpoints(dom: &Dom, st: &RollbackState) -> Result<Vec<String>> {
-    let cps = dom
-        .checkpoints()
-        .map_err(|e| src(e, "list checkpoints"))?;
+    let cps = dom.checkpoints().map_err(|e| src(e, "list checkpoints"))?;
     if cps.is_empty() {
         return Ok(Vec::new());
     }
@@ -412,7 +413,8 @@ pub fn rollback(hv: &Hypervisor, st: &mut RollbackState) -> Result<Outcome> {
     let active = dom.is_active().map_err(|e| src(e, "query domain state"))?;
     // 2. Persistent definition back on the base images.
     if !active && redefine_on_bases(hv, &dom, st)? {
-        out.notes.push("disks pointed back to the base images".into());
+        out.notes
+            .push("disks pointed back to the base images".into());
     }
     crash_point("rollback-after-redefine");
     // 3. libvirt's snapshot record, and checkpoints whose bitmaps were only in the overlays.

@@ -175,10 +175,13 @@ pub fn save(st: &mut RollbackState) -> Result<()> {
     st.updated = Timestamp::now();
     let p = path(&st.vm)?;
     let d = dir();
-    std::fs::create_dir_all(&d).ctx(ErrorKind::Other, || format!("cannot create {}", d.display()))?;
+    std::fs::create_dir_all(&d).ctx(ErrorKind::Other, || {
+        format!("cannot create {}", d.display())
+    })?;
     let tmp = d.join(format!(".{}.json.tmp", st.vm));
-    let data = serde_json::to_vec_pretty(st)
-        .ctx(ErrorKind::Other, || "cannot encode the rollback state".into())?;
+    let data = serde_json::to_vec_pretty(st).ctx(ErrorKind::Other, || {
+        "cannot encode the rollback state".into()
+    })?;
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&data)?;
@@ -217,7 +220,9 @@ pub struct VmLock {
 pub fn lock(vm: &str) -> Result<VmLock> {
     path(vm)?;
     let d = dir();
-    std::fs::create_dir_all(&d).ctx(ErrorKind::Other, || format!("cannot create {}", d.display()))?;
+    std::fs::create_dir_all(&d).ctx(ErrorKind::Other, || {
+        format!("cannot create {}", d.display())
+    })?;
     let p = d.join(format!("{vm}.lock"));
     let f = OpenOptions::new()
         .create(true)
@@ -228,7 +233,10 @@ pub fn lock(vm: &str) -> Result<VmLock> {
     if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(Error::new(
             ErrorKind::Usage,
-            format!("another lifeboat command is working on the rollback point of {vm} (lock {} held)", p.display()),
+            format!(
+                "another lifeboat command is working on the rollback point of {vm} (lock {} held)",
+                p.display()
+            ),
         ));
     }
     Ok(VmLock { _file: f })
