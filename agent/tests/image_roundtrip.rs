@@ -179,6 +179,14 @@ fn incremental_reads_only_dirty_extents_and_older_snapshots_keep_their_content()
         "incremental read {} bytes for {n} bytes written (allowed {n}..={max})",
         b1.bytes_read
     );
+    eprintln!(
+        "incremental: wrote {n} bytes in {} places, dirty {:?}, read {}, stored {} in {} chunks",
+        writes.len(),
+        b1.dirty_bytes,
+        b1.bytes_read,
+        b1.bytes_new,
+        b1.chunks_new
+    );
     assert!(b1.dirty_bytes.unwrap() >= n);
     assert!(b1.chunks_new >= 3 && b1.chunks_new <= 3 + 2 * 3, "{b1:?}");
     let v1 = env.path("v1.qcow2");
