@@ -164,6 +164,25 @@ pub(crate) fn open(
 }
 
 fn decompress(data: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {
+    // Fast path: a single frame that declares its size (what `seal` writes) decompresses in one
+    // call into an exactly sized buffer; a declared size over the limit is refused before any
+    // allocation. Anything else takes the streaming path, which never reads past the limit.
+    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(data) {
+        let declared = usize::try_from(declared).unwrap_or(usize::MAX);
+        if declared > limit {
+            return Err(std::io::Error::other(format!(
+                "decompressed size exceeds the limit of {limit} bytes"
+            )));
+        }
+        let mut out = Vec::with_capacity(declared);
+        if zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(data, &mut out))
+            .is_ok()
+            && out.len() == declared
+        {
+            return Ok(out);
+        }
+    }
     let decoder = zstd::stream::read::Decoder::with_buffer(data)?;
     let mut out = Vec::new();
     let max = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);

@@ -183,6 +183,7 @@ impl Repository {
                 "a repository was initialised here concurrently",
             ));
         }
+        repo.backend.flush()?;
         Ok(repo)
     }
 
@@ -297,6 +298,7 @@ impl Repository {
                 format!("key slot {id} already exists"),
             ));
         }
+        self.backend.flush()?;
         Ok(id)
     }
 
@@ -405,6 +407,39 @@ impl Repository {
             )));
         }
         let id = self.chunk_id(data);
+        self.try_seal_chunk_with_id(&id, data)
+    }
+
+    /// Like [`Repository::seal_chunk`] for a caller that already computed the chunk's id with
+    /// [`Repository::chunk_id`] (to look it up before sealing): saves hashing the chunk twice.
+    ///
+    /// The caller guarantees `id == self.chunk_id(data)`; an object sealed under another id
+    /// can never be opened ([`Repository::open_chunk`] re-hashes and reports it corrupt).
+    ///
+    /// # Panics
+    ///
+    /// Like [`Repository::seal_chunk`]; use [`Repository::try_seal_chunk_with_id`] to get errors.
+    pub fn seal_chunk_with_id(&self, id: &ChunkId, data: &[u8]) -> SealedChunk {
+        match self.try_seal_chunk_with_id(id, data) {
+            Ok(sealed) => sealed,
+            Err(e) => panic!("cannot seal chunk: {e}"),
+        }
+    }
+
+    /// Like [`Repository::seal_chunk_with_id`], with errors as [`Repository::try_seal_chunk`].
+    pub fn try_seal_chunk_with_id(&self, id: &ChunkId, data: &[u8]) -> Result<SealedChunk> {
+        if data.len() > self.chunk_limit() {
+            return Err(Error::invalid(format!(
+                "chunk of {} bytes exceeds the chunk size {}",
+                data.len(),
+                self.config.chunk_size
+            )));
+        }
+        debug_assert!(
+            *id == self.chunk_id(data),
+            "try_seal_chunk_with_id: id does not match the data"
+        );
+        let id = *id;
         let bytes = object::seal(
             self.keys.as_ref(),
             magic::KIND_CHUNK,
@@ -510,7 +545,9 @@ impl Repository {
     }
 
     /// Commits a snapshot by writing its manifest, which must come after every chunk and index
-    /// it references. Checks that the disks' indexes exist. Returns the snapshot id.
+    /// it references. Checks that the disks' indexes exist, makes everything stored so far
+    /// durable ([`Backend::flush`]) before writing the manifest, and the manifest durable before
+    /// returning. Returns the snapshot id.
     pub fn commit_snapshot(&self, manifest: &Manifest) -> Result<SnapshotId> {
         for disk in &manifest.disks {
             if !self.backend.exists(&index_key(&disk.index))? {
@@ -532,7 +569,10 @@ impl Repository {
             &plain,
             self.config.zstd_level,
         )?;
+        // Chunks and indexes first: a committed snapshot never refers to a lost object.
+        self.backend.flush()?;
         self.backend.put_if_absent(&snapshot_key(&id), &sealed)?;
+        self.backend.flush()?;
         Ok(id)
     }
 

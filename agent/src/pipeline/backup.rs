@@ -184,7 +184,7 @@ pub async fn backup_disk(
                         .map_err(|e| repo_err(e, format!("cannot check for chunk {id}")))?;
                     if !known {
                         let sealed = repo
-                            .try_seal_chunk(&buf)
+                            .try_seal_chunk_with_id(&id, &buf)
                             .map_err(|e| repo_err(e, format!("cannot seal chunk {id}")))?;
                         let written = repo
                             .store_chunk(&sealed)

@@ -94,4 +94,8 @@ impl Backend for FaultyBackend {
         }
         self.inner.delete(key)
     }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
 }

@@ -1,8 +1,10 @@
 //! A backend storing each object as a read-only file under a root directory.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::{validate_key, validate_prefix, Backend};
 use crate::error::{Error, ErrorKind, Result};
@@ -10,22 +12,42 @@ use crate::error::{Error, ErrorKind, Result};
 /// Directory (under the root) holding files being written.
 const TMP_DIR: &str = "tmp";
 
+/// Keys whose directory entries become durable at [`Backend::flush`] rather than at each put:
+/// objects that only a later, flushed-before-commit manifest makes reachable.
+const DEFERRED_PREFIXES: [&str; 2] = ["chunks/", "indexes/"];
+
 /// Objects as files: key `a/b/c` is the file `<root>/a/b/c`.
 ///
 /// A put writes `<root>/tmp/<random>`, fsyncs it, makes it read-only, hard-links it to the final
-/// path (which fails if the object exists: no overwrite, no rename), removes the temporary name
-/// and fsyncs the parent directory. Readers therefore see either no object or the whole object,
-/// and concurrent writers of the same key never clobber each other. Directories are created on
-/// demand.
+/// path (which fails if the object exists: no overwrite, no rename) and removes the temporary
+/// name. Readers therefore see either no object or the whole object (its data is durable before
+/// its name exists), and concurrent writers of the same key never clobber each other.
+/// Directories are created on demand.
+///
+/// For chunks and indexes (keys under `chunks/` and `indexes/`, the bulk of a backup, only ever
+/// reachable through a snapshot manifest) the new directory entries (the object's name, new
+/// directories) become durable at the next [`Backend::flush`], which fsyncs each directory that
+/// changed since the previous flush once, instead of once per object: a backup storing
+/// thousands of chunks pays one fsync per chunk plus one per chunk directory, not two per
+/// chunk. An existing chunk or index that `exists` or `put_if_absent` finds (perhaps written by
+/// another process that has not flushed yet) has its directory synced at the next flush too, so
+/// a snapshot that deduplicates against it never commits before it is durable. Every other
+/// object (manifests, config, key slots, ...) is durable when its put returns, as before. See
+/// FORMAT.md, "Local backend".
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     root: PathBuf,
+    /// Directories with entries added since the last flush (shared by clones).
+    unsynced_dirs: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 impl LocalBackend {
     /// A backend rooted at `root` (created on the first write if missing).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalBackend { root: root.into() }
+        LocalBackend {
+            root: root.into(),
+            unsynced_dirs: Arc::default(),
+        }
     }
 
     /// The root directory.
@@ -38,16 +60,20 @@ impl LocalBackend {
         Ok(self.root.join(key))
     }
 
-    fn create_dirs(&self, dir: &Path) -> Result<()> {
+    fn create_dirs(&self, dir: &Path, defer_sync: bool) -> Result<()> {
         if dir.is_dir() {
             return Ok(());
         }
         fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("cannot create directory {}", dir.display()), e))?;
-        // Make the new directory entries durable, up to the root.
+        // Make the new directory entries durable, up to the root (now or at the next flush).
         let mut d = dir;
         while let Some(parent) = d.parent() {
-            sync_dir(parent)?;
+            if defer_sync {
+                self.mark_unsynced(parent);
+            } else {
+                sync_dir(parent)?;
+            }
             if parent == self.root || !parent.starts_with(&self.root) {
                 break;
             }
@@ -56,9 +82,29 @@ impl LocalBackend {
         Ok(())
     }
 
+    /// An existing chunk or index that a caller may now refer to: it may have been written by
+    /// another process that has not flushed yet, so its directory is synced at our next flush.
+    fn found(&self, key: &str, path: &Path) {
+        if DEFERRED_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            if let Some(parent) = path.parent() {
+                self.mark_unsynced(parent);
+            }
+        }
+    }
+
+    fn mark_unsynced(&self, dir: &Path) {
+        let mut set = self
+            .unsynced_dirs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !set.contains(dir) {
+            set.insert(dir.to_path_buf());
+        }
+    }
+
     fn write_temp(&self, data: &[u8]) -> Result<PathBuf> {
         let tmp_dir = self.root.join(TMP_DIR);
-        self.create_dirs(&tmp_dir)?;
+        self.create_dirs(&tmp_dir, true)?;
         let mut rnd = [0u8; 16];
         crate::crypto::random_bytes(&mut rnd)?;
         let tmp = tmp_dir.join(hex::encode(rnd));
@@ -94,22 +140,31 @@ impl Backend for LocalBackend {
     fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool> {
         let path = self.path(key)?;
         if path.exists() {
+            self.found(key, &path);
             return Ok(false);
         }
         let parent = path
             .parent()
             .ok_or_else(|| Error::invalid(format!("invalid object key {key:?}")))?;
-        self.create_dirs(parent)?;
+        let defer_sync = DEFERRED_PREFIXES.iter().any(|p| key.starts_with(p));
+        self.create_dirs(parent, defer_sync)?;
         let tmp = self.write_temp(data)?;
         let linked = fs::hard_link(&tmp, &path);
         // Best effort: the object (if linked) is complete either way.
         let _ = fs::remove_file(&tmp);
         match linked {
             Ok(()) => {
-                sync_dir(parent)?;
+                if defer_sync {
+                    self.mark_unsynced(parent);
+                } else {
+                    sync_dir(parent)?;
+                }
                 Ok(true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                self.found(key, &path);
+                Ok(false)
+            }
             Err(e) => Err(Error::io(format!("cannot store object {key}"), e)),
         }
     }
@@ -130,7 +185,10 @@ impl Backend for LocalBackend {
     fn exists(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
         match fs::symlink_metadata(&path) {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.found(key, &path);
+                Ok(true)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io(format!("cannot stat object {key}"), e)),
         }
@@ -182,6 +240,28 @@ impl Backend for LocalBackend {
         Ok(out)
     }
 
+    fn flush(&self) -> Result<()> {
+        let dirs = std::mem::take(
+            &mut *self
+                .unsynced_dirs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // Deepest first, so that a directory's own entry (in its parent) is synced after it.
+        for (n, dir) in dirs.iter().rev().enumerate() {
+            if let Err(e) = sync_dir(dir) {
+                // Keep what is not yet known to be durable for the next flush.
+                let mut set = self
+                    .unsynced_dirs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                set.extend(dirs.iter().rev().skip(n).cloned());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
@@ -229,6 +309,26 @@ mod tests {
         assert!(b.get("../x").is_err());
         assert!(b.put_if_absent("/abs", b"").is_err());
         assert!(b.put_if_absent("tmp/x", b"").is_err());
+    }
+
+    #[test]
+    fn chunk_dir_entries_synced_at_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        assert!(b.put_if_absent("chunks/ab/abcd", b"one").unwrap());
+        assert!(b.put_if_absent("snapshots/ff", b"s").unwrap());
+        let pending = b.unsynced_dirs.lock().unwrap().clone();
+        assert!(
+            pending.contains(&dir.path().join("chunks/ab")),
+            "{pending:?}"
+        );
+        assert!(
+            !pending.contains(&dir.path().join("snapshots")),
+            "{pending:?}"
+        );
+        b.flush().unwrap();
+        assert!(b.unsynced_dirs.lock().unwrap().is_empty());
+        assert_eq!(b.get("chunks/ab/abcd").unwrap(), b"one");
     }
 
     #[test]

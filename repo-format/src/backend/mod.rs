@@ -34,6 +34,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Deletes an object. Deleting a missing object succeeds (idempotent, like S3).
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// Makes every object stored so far by this backend durable (survives a crash or power
+    /// loss). A put is atomic when it returns, but may become durable only here: callers flush
+    /// before writing an object that refers to earlier ones (the repository flushes before
+    /// committing a snapshot, and after writing a key slot or the config). The default does
+    /// nothing, for stores whose puts are durable on return.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Validates an object key: non-empty relative `/`-separated path of non-empty components
