@@ -214,9 +214,101 @@ fn protect_patch_then_rollback() -> Result<()> {
     let list = env.json(&["snapshots"])?;
     ensure!(list.to_string().contains(snap), "backup {snap} not listed");
 
-    // No point any more: rollback says so and names the backup.
+    // No point any more: rollback says so and names the backup protect took.
+    vm.exec_ok("echo later > /mnt/vdb/later.txt && sync")?;
     let o = env.run(&["rollback", &vm.name], None)?;
     ensure!(!o.status.success(), "rollback without a point succeeded");
+    ensure!(
+        stderr(&o).contains(snap) && stderr(&o).contains("--from-backup"),
+        "rollback without a point: {}",
+        stderr(&o)
+    );
+    // --from-backup: the VM runs on the restored disks of protect's backup.
+    let r = env.json(&["rollback", &vm.name, "--from-backup"])?;
+    eprintln!("rollback --from-backup: {r}");
+    vm.wait_agent(Duration::from_secs(120))?;
+    ensure!(
+        vm.exec_ok("cat /mnt/vdb/before.txt")?.trim() == "before",
+        "not the backup's data"
+    );
+    let ls = vm.exec_ok("ls /mnt/vdb")?;
+    ensure!(
+        !ls.contains("later.txt") && !ls.contains("patch.txt"),
+        "{ls}"
+    );
+    ensure!(vm.disk_path("vdb").exists(), "the old image was deleted");
+    Ok(())
+}
+
+#[test]
+fn protect_shut_off_vm_commit_and_rollback() -> Result<()> {
+    let env = Env::new()?;
+    let vm = TestVm::create("protect", &[DiskSpec::ext4("vdb", "qcow2", 64)])?;
+    let base = vm.disk_path("vdb");
+    // Shut off: backup through the image files, the point as an offline snapshot.
+    protect(&env, &vm, "4h")?;
+    ensure!(!vm.is_running()?, "protect started the VM");
+    let c = env.json(&["commit", &vm.name])?;
+    eprintln!("offline commit: {c}");
+    assert_consolidated(&env, &vm)?;
+    // Once more, and roll back: the VM is started on its base image.
+    protect(&env, &vm, "4h")?;
+    let r = env.json(&["rollback", &vm.name])?;
+    eprintln!("offline rollback: {r}");
+    vm.wait_agent(Duration::from_secs(120))?;
+    assert_consolidated(&env, &vm)?;
+    vm.destroy()?;
+    check_ext4(&base)?;
+
+    // An offline point carries the checkpoints: start on the overlay, change data, back up
+    // (incremental through the chain), commit live, back up again (incremental and correct).
+    protect(&env, &vm, "4h")?;
+    vm.start()?;
+    vm.wait_agent(Duration::from_secs(120))?;
+    let data: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    vm.write_file("/mnt/vdb/a.bin", &data)?;
+    vm.exec_ok("sync")?;
+    let b = env.json(&["backup", &vm.name])?;
+    eprintln!("backup on the offline overlay: {b}");
+    ensure!(
+        b["mode"] == "incremental",
+        "not incremental on the overlay: {b}"
+    );
+    let read = b["disks"][0]["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    ensure!(read <= 12 << 20, "read {read} bytes for a 2 MiB change");
+    env.json(&["commit", &vm.name])?;
+    assert_consolidated(&env, &vm)?;
+    vm.write_file("/mnt/vdb/b.bin", &data)?;
+    vm.exec_ok("sync")?;
+    let b = env.json(&["backup", &vm.name])?;
+    eprintln!("backup after the live commit: {b}");
+    ensure!(
+        b["mode"] == "incremental",
+        "not incremental after commit: {b}"
+    );
+    let read = b["disks"][0]["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    ensure!(read <= 12 << 20, "read {read} bytes for a 2 MiB change");
+    let snap = b["snapshot"].as_str().context("snapshot")?;
+    let to = tempfile::Builder::new()
+        .prefix("lifeboat-protect-restore-")
+        .tempdir_in("/var/tmp")?;
+    let o = env.run(
+        &["restore", snap, "--to", &to.path().to_string_lossy()],
+        None,
+    )?;
+    ensure!(o.status.success(), "restore: {}", stderr(&o));
+    let img = to.path().join("vdb.qcow2");
+    check_ext4(&img)?;
+    ensure!(
+        read_file_from_ext4(&img, "/a.bin")? == data,
+        "a.bin differs"
+    );
+    ensure!(
+        read_file_from_ext4(&img, "/b.bin")? == data,
+        "b.bin differs"
+    );
     Ok(())
 }
 

@@ -81,13 +81,19 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
             excluded.clone(),
             taken.clone(),
         );
-        move |frozen: bool| -> Result<()> {
+        move |frozen: Option<bool>| -> Result<()> {
             let hv = Hypervisor::connect(&uri).map_err(|e| src(e, "connect to libvirt"))?;
             let dom = hv
                 .domain(&vm)
                 .map_err(|e| src(e, format!("no domain {vm}")))?;
+            // Inside the backup job's window: frozen only if the agent answered and the freeze
+            // worked (`--quiesce auto` may go on crash-consistent); ask the agent.
+            let frozen = frozen.unwrap_or_else(|| {
+                dom.agent_command(r#"{"execute":"guest-fsfreeze-status"}"#, 5)
+                    .is_ok_and(|r| r.contains("\"frozen\""))
+            });
             let mut st = plan.clone();
-            let r = ops::take(&dom, &mut st, &excluded, frozen);
+            let r = ops::take(&hv, &dom, &mut st, &excluded, frozen);
             if let Ok(mut t) = taken.lock() {
                 *t = Some(st);
             }
@@ -107,7 +113,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
                 .domain(&vm)
                 .map_err(|e| src(e, format!("no domain {vm}")))?;
             let frozen = active && dom.fs_freeze(&[]).is_ok();
-            let r = take(frozen);
+            let r = take(Some(frozen));
             if frozen {
                 let _ = dom.fs_thaw(&[]);
             }
@@ -133,10 +139,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
             },
         };
         let hook_take = take.clone();
-        // Inside the job's window the guest is frozen when the agent answered; the hook
-        // cannot see which, so the memory state is thawed after a restore in any case (a
-        // thaw of a thawed guest is harmless).
-        let hook = FreezeHook(Arc::new(move || hook_take(true)));
+        let hook = FreezeHook(Arc::new(move || hook_take(None)));
         let quiet = GlobalOpts {
             quiet: true,
             json: false,
@@ -148,7 +151,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
                 let needs_take = taken.lock().map(|t| t.is_none()).unwrap_or(true);
                 let r = if needs_take {
                     let take = take.clone();
-                    blocking(move || take(false)).await
+                    blocking(move || take(Some(false))).await
                 } else {
                     Ok(())
                 };

@@ -90,6 +90,14 @@ pub fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<String> {
 
 /// Names of the persistent bitmaps in a qcow2 image (`qemu-img info -U`).
 pub fn bitmaps(image: &Path, format: &str) -> Result<Vec<String>> {
+    Ok(bitmap_list(image, format)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// Persistent bitmaps of a qcow2 image with their granularity.
+pub fn bitmap_list(image: &Path, format: &str) -> Result<Vec<(String, u64)>> {
     let out = qemu_img(&[
         "info".as_ref(),
         "-U".as_ref(),
@@ -105,7 +113,14 @@ pub fn bitmaps(image: &Path, format: &str) -> Result<Vec<String>> {
         .and_then(|b| b.as_array())
         .map(|a| {
             a.iter()
-                .filter_map(|b| b.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                .filter_map(|b| {
+                    let n = b.get("name").and_then(|n| n.as_str())?;
+                    let g = b
+                        .get("granularity")
+                        .and_then(|g| g.as_u64())
+                        .unwrap_or(65536);
+                    Some((n.to_owned(), g))
+                })
                 .collect()
         })
         .unwrap_or_default())
@@ -224,10 +239,23 @@ pub fn description(st: &RollbackState) -> String {
 /// Takes the rollback point: journal `creating`, external snapshot (disks, + memory), journal
 /// `ready`. `frozen`: the guest filesystems are frozen right now (recorded for the memory
 /// state, which must be thawed after a restore).
-pub fn take(dom: &Dom, st: &mut RollbackState, excluded: &[String], frozen: bool) -> Result<()> {
+pub fn take(
+    hv: &Hypervisor,
+    dom: &Dom,
+    st: &mut RollbackState,
+    excluded: &[String],
+    frozen: bool,
+) -> Result<()> {
     st.phase = Phase::Creating;
     st.memory_frozen = frozen && st.memory.is_some();
     state::save(st)?;
+    if !dom.is_active().map_err(|e| src(e, "query domain state"))? {
+        take_offline(hv, dom, st)?;
+        st.phase = Phase::Ready;
+        state::save(st)?;
+        crash_point("protect-after-snapshot");
+        return Ok(());
+    }
     let spec = SnapshotSpec {
         name: st.snapshot.clone(),
         description: description(st),
@@ -251,6 +279,72 @@ pub fn take(dom: &Dom, st: &mut RollbackState, excluded: &[String], frozen: bool
     st.phase = Phase::Ready;
     state::save(st)?;
     crash_point("protect-after-snapshot");
+    Ok(())
+}
+
+/// A shut-off domain's point, made by hand: libvirt 9.0 refuses offline external snapshots
+/// while checkpoints exist ("cannot perform block operations while checkpoint exists"). Each
+/// overlay is created with `qemu-img create -b BASE`, gets an empty, enabled copy of every
+/// bitmap of its base (what libvirt does for a live snapshot: the checkpoints go on recording
+/// in the overlay, and libvirt merges same-named bitmaps along the chain for a backup), and the
+/// definition is pointed at the overlays. There is no libvirt snapshot metadata for it; the
+/// state file is the record.
+fn take_offline(hv: &Hypervisor, dom: &Dom, st: &RollbackState) -> Result<()> {
+    for d in &st.disks {
+        if d.overlay.exists() {
+            // A leftover of a killed run that no XML uses (protect repairs first).
+            std::fs::remove_file(&d.overlay).ctx(ErrorKind::Other, || {
+                format!("cannot remove stale {}", d.overlay.display())
+            })?;
+        }
+        qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            d.base.as_os_str(),
+            "-F".as_ref(),
+            d.base_format.as_ref(),
+            d.overlay.as_os_str(),
+        ])?;
+        if d.base_format == "qcow2" {
+            for (name, gran) in bitmap_list(&d.base, &d.base_format)? {
+                let g = gran.to_string();
+                qemu_img(&[
+                    "bitmap".as_ref(),
+                    "--add".as_ref(),
+                    "--enable".as_ref(),
+                    "-g".as_ref(),
+                    g.as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    d.overlay.as_os_str(),
+                    name.as_ref(),
+                ])?;
+            }
+        }
+    }
+    let inactive = dom
+        .xml(true)
+        .map_err(|e| src(e, "read persistent domain XML"))?;
+    let overlays = st
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.target.clone(),
+                DiskSourceSpec {
+                    path: d.overlay.clone(),
+                    format: "qcow2".into(),
+                },
+            )
+        })
+        .collect();
+    let new = libvirt::snapshot::set_disk_sources(&inactive, &overlays)
+        .map_err(|e| src(e, "point the disks at the overlays"))?;
+    hv.define_xml(&new)
+        .map_err(|e| src(e, format!("redefine {} on its overlays", st.vm)))?;
     Ok(())
 }
 
@@ -448,6 +542,7 @@ pub fn rollback(hv: &Hypervisor, st: &mut RollbackState) -> Result<Outcome> {
     }
     // 5. Overlays and memory file: no XML mentions them any more.
     out.deleted = delete_files(&dom, st)?;
+    archive(st);
     state::remove(&st.vm)?;
     out.seconds = t0.elapsed().as_secs_f64();
     Ok(out)
@@ -639,7 +734,7 @@ pub fn repair(hv: &Hypervisor, st: &mut RollbackState) -> Result<Option<String>>
             if exists {
                 let o = consolidate(hv, st)?;
                 Ok(Some(format!(
-                    "protect of {} was interrupted before its backup committed: its rollback point was consolidated ({:.1} s); run protect again",
+                    "protect of {} was interrupted before it completed (its backup may not have committed): its rollback point was consolidated ({:.1} s); run protect again",
                     st.vm, o.seconds
                 )))
             } else {
