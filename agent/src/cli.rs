@@ -61,6 +61,9 @@ pub enum Command {
     /// Run a VM from a snapshot at once, served from the repository, while its data moves to
     /// local storage.
     InstantRestore(InstantRestoreArgs),
+    /// Prove a snapshot recovers: boot it in an isolated sandbox (throw-away overlays, no
+    /// network), run checks in the guest, measure the RTO, store the verdict, tear down.
+    BootTest(BootTestArgs),
     /// Check the repository: every snapshot, index and (with --read-data) chunk.
     Verify(VerifyArgs),
     /// Before a patch: a backup into the repository plus a local rollback point (disk
@@ -316,6 +319,45 @@ pub struct ThawGuardArgs {
 pub struct SnapshotsArgs {
     /// Only snapshots of this name.
     pub name: Option<String>,
+}
+
+/// `lifeboat boot-test`
+#[derive(Debug, Args)]
+pub struct BootTestArgs {
+    /// Snapshot: an id prefix, NAME@latest or NAME@<time>.
+    pub snapshot: String,
+    /// A command that must exit 0 in the guest (`/bin/sh -c CMD`, through the guest agent);
+    /// repeatable. Retried until it passes or the time runs out.
+    #[arg(long = "check", value_name = "CMD")]
+    pub checks: Vec<String>,
+    /// A TCP port that must be listening inside the guest; repeatable.
+    #[arg(long = "port", value_name = "N")]
+    pub ports: Vec<u16>,
+    /// YAML policy for this VM: `checks`, `ports`, `timeout`, `settle`.
+    #[arg(long, value_name = "FILE.yaml")]
+    pub policy: Option<PathBuf>,
+    /// Time limit from the start until every check passed (e.g. 90s, 10m). Default: the
+    /// policy's, else 10m.
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// How long checks are retried once the guest is up (default: until the time limit).
+    #[arg(long, value_name = "DURATION")]
+    pub settle: Option<String>,
+    /// The libvirt to run the sandbox on.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Write a self-contained HTML report (checks, RTO, console, screenshot) to this file.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
+    /// On failure, keep the sandbox running for inspection until Ctrl-C (then tear it down).
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Directory for the sandbox's overlays and console log (removed afterwards).
+    #[arg(long, default_value = "/var/lib/lifeboat/boottest", value_name = "DIR")]
+    pub work_dir: PathBuf,
+    /// Do not store the result in the repository.
+    #[arg(long)]
+    pub no_store: bool,
 }
 
 /// `lifeboat restore`

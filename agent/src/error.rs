@@ -23,6 +23,8 @@ pub enum ErrorKind {
     Target,
     /// The run was interrupted by a signal.
     Interrupted,
+    /// A boot test ran and its verdict is "fail" (the guest did not come up or a check failed).
+    BootTestFailed,
     /// Anything else.
     Other,
 }
@@ -39,6 +41,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => 6,
             ErrorKind::Source => 7,
             ErrorKind::Target => 8,
+            ErrorKind::BootTestFailed => 9,
             ErrorKind::Interrupted => 130,
         }
     }

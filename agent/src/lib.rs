@@ -7,6 +7,7 @@
 //! - [`libvirt`]: the only module that talks to libvirt;
 //! - [`error`]: the agent's error type and its exit codes.
 
+pub mod boottest;
 pub mod cli;
 pub mod commands;
 pub mod error;

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod backup;
 pub mod backup_image;
+pub mod boot_test;
 pub mod commit;
 pub mod instant_restore;
 pub mod protect;
@@ -30,6 +31,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Snapshots(a) => snapshots::run(g, a).await,
         Command::Restore(a) => restore::run(g, a).await,
         Command::InstantRestore(a) => instant_restore::run(g, a).await,
+        Command::BootTest(a) => boot_test::run(g, a).await,
         Command::Verify(a) => verify::run(g, a).await,
         Command::Protect(a) => protect::run(g, a).await,
         Command::Rollback(a) => rollback::run(g, a).await,

@@ -140,6 +140,67 @@ impl Hypervisor {
     }
 }
 
+/// Transient domains and screenshots, used by boot tests.
+impl Hypervisor {
+    /// Creates and starts a transient domain (`virDomainCreateXML`): it has no persistent
+    /// definition and is gone once destroyed. With `autodestroy` libvirt also destroys it when
+    /// this connection closes (including when the process dies), so a killed caller leaves no
+    /// running domain. The returned [`Dom`] keeps the connection open.
+    pub fn create_transient(&self, xml: &str, autodestroy: bool) -> Result<Dom> {
+        cstring("domain XML", xml)?;
+        let flags = if autodestroy {
+            sys::VIR_DOMAIN_START_AUTODESTROY
+        } else {
+            sys::VIR_DOMAIN_NONE
+        };
+        let d = Domain::create_xml(&self.conn, xml, flags)
+            .map_err(|e| LibvirtError::from_virt("create transient domain", e))?;
+        let name = d
+            .get_name()
+            .map_err(|e| LibvirtError::from_virt("get name of created domain", e))?;
+        Ok(Dom::new(d, name))
+    }
+}
+
+impl Dom {
+    /// A screenshot of the domain's first display (`virDomainScreenshot`): the image bytes (QEMU
+    /// sends PPM) and their MIME type. Reads at most `max_bytes`.
+    pub fn screenshot(&self, max_bytes: usize) -> Result<(Vec<u8>, String)> {
+        let conn = self
+            .dom
+            .get_connect()
+            .map_err(|e| self.err("get connection", e))?;
+        let stream = virt::stream::Stream::new(&conn, 0).map_err(|e| self.err("new stream", e))?;
+        let mime = self
+            .dom
+            .screenshot(&stream, 0, 0)
+            .map_err(|e| self.err("screenshot", e))?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = stream
+                .recv(&mut buf)
+                .map_err(|e| self.err("read screenshot stream", e))?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(buf.get(..n).unwrap_or_default());
+            if out.len() > max_bytes {
+                let _ = stream.abort();
+                return Err(LibvirtError::new(
+                    ErrorKind::InvalidData,
+                    format!(
+                        "screenshot of domain {} exceeds {max_bytes} bytes",
+                        self.name
+                    ),
+                ));
+            }
+        }
+        let _ = stream.finish();
+        Ok((out, mime))
+    }
+}
+
 impl Drop for Hypervisor {
     fn drop(&mut self) {
         // `virt` 0.4's Connect does not close itself; domains keep their own reference to the
