@@ -183,7 +183,7 @@ fn protect_patch_then_rollback() -> Result<()> {
         ],
     )?;
     ensure!(
-        desc.contains("kernel update") && desc.contains("expires"),
+        desc.contains("kernel update") && desc.contains("expires") && desc.contains(snap),
         "label: {desc}"
     );
     // The patch.

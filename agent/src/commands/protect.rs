@@ -175,6 +175,30 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
                 });
             st.complete = true;
             state::save(&mut st)?;
+            if let Some(b) = &st.backup {
+                // Label the libvirt snapshot with the backup too (best effort; an offline
+                // point has no libvirt metadata).
+                let (uri, vm, name) = (uri.clone(), st.vm.clone(), st.snapshot.clone());
+                let desc = format!("{}; backup: {}", ops::description(&st), b.snapshot);
+                let r = blocking(move || {
+                    let hv = Hypervisor::connect(&uri).map_err(|e| src(e, "connect to libvirt"))?;
+                    let dom = hv.domain(&vm).map_err(|e| src(e, "look up domain"))?;
+                    if dom
+                        .snapshots()
+                        .map_err(|e| src(e, "list snapshots"))?
+                        .iter()
+                        .any(|s| s.name == name)
+                    {
+                        dom.set_snapshot_description(&name, &desc)
+                            .map_err(|e| src(e, "label the snapshot with the backup"))?;
+                    }
+                    Ok(())
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::warn!("{}", crate::error::format_chain(&e));
+                }
+            }
             drop(lock);
             let secs = t0.elapsed().as_secs_f64();
             let j = json!({

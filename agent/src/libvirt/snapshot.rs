@@ -270,6 +270,35 @@ pub fn set_disk_sources(xml: &str, disks: &BTreeMap<String, DiskSourceSpec>) -> 
     Ok(out)
 }
 
+/// Replaces (or adds) the `<description>` of a `<domainsnapshot>` XML, in place.
+pub fn replace_description(xml: &str, description: &str) -> Result<String> {
+    let doc = Document::parse(xml)
+        .map_err(|e| LibvirtError::with_source(ErrorKind::InvalidData, "parse snapshot XML", e))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domainsnapshot" {
+        return Err(invalid("not a <domainsnapshot>"));
+    }
+    let new = format!("<description>{}</description>", escape(description));
+    let (range, text) = match child(root, "description") {
+        Some(d) => (d.range(), new),
+        None => {
+            let name = child(root, "name").ok_or_else(|| invalid("snapshot XML has no <name>"))?;
+            (name.range().end..name.range().end, format!("\n  {new}"))
+        }
+    };
+    let mut out = String::with_capacity(xml.len() + text.len());
+    out.push_str(
+        xml.get(..range.start)
+            .ok_or_else(|| invalid("bad XML range"))?,
+    );
+    out.push_str(&text);
+    out.push_str(
+        xml.get(range.end..)
+            .ok_or_else(|| invalid("bad XML range"))?,
+    );
+    Ok(out)
+}
+
 /// How long [`Dom::block_commit`] waits for the commit job to become ready.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -323,6 +352,20 @@ impl Dom {
         s.delete(sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
             .map_err(|e| self.err(&format!("delete snapshot metadata {name}"), e))?;
         Ok(true)
+    }
+
+    /// Replaces a snapshot's `<description>` (as `virsh snapshot-edit` does: the snapshot's
+    /// own XML, edited, redefined with `REDEFINE`). Images are not touched.
+    pub fn set_snapshot_description(&self, name: &str, description: &str) -> Result<()> {
+        let s = self.snapshot(name)?;
+        let xml = s
+            .get_xml_desc(0)
+            .map_err(|e| self.err(&format!("get XML of snapshot {name}"), e))?;
+        let new = replace_description(&xml, description)?;
+        cstring("snapshot XML", &new)?;
+        DomainSnapshot::create_xml(&self.dom, &new, sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+            .map_err(|e| self.err(&format!("redefine snapshot {name}"), e))?;
+        Ok(())
     }
 
     /// Commits the active image of disk `target` into its backing image and pivots to it:
@@ -467,6 +510,24 @@ mod tests {
             },
         );
         assert!(set_disk_sources(xml, &m).is_err());
+    }
+
+    #[test]
+    fn description_is_replaced_or_added() {
+        let x = "<domainsnapshot>\n  <name>a</name>\n  <description>old</description>\n  <state>running</state>\n</domainsnapshot>";
+        let out = replace_description(x, "new & <b>").unwrap();
+        assert_eq!(
+            parse_snapshot_xml(&out).unwrap().description.as_deref(),
+            Some("new & <b>")
+        );
+        assert!(out.contains("<state>running</state>"));
+        let x = "<domainsnapshot>\n  <name>a</name>\n  <state>running</state>\n</domainsnapshot>";
+        let out = replace_description(x, "d").unwrap();
+        assert_eq!(
+            parse_snapshot_xml(&out).unwrap().description.as_deref(),
+            Some("d")
+        );
+        assert!(replace_description("<domain/>", "d").is_err());
     }
 
     #[test]
