@@ -6,8 +6,9 @@
 //!   the report and the stored result (`snapshots --json`) show it;
 //! - the damaged snapshot fails with the failing check named;
 //! - the never-booting snapshot fails at the timeout, with console evidence;
-//! - SIGINT mid-test exits 130;
-//! and after each, nothing is left: no domain (`virsh list --all`), no sandbox directory, no NBD
+//! - SIGINT mid-test exits 130.
+//!
+//! After each, nothing is left: no domain (`virsh list --all`), no sandbox directory, no NBD
 //! socket, no QEMU process or log.
 
 mod restore_common;

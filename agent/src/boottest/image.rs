@@ -88,6 +88,7 @@ pub fn ppm_to_png(ppm: &[u8]) -> Result<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
 mod tests {
     use super::*;
 

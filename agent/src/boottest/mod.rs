@@ -321,6 +321,7 @@ impl ConsoleWatch {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
 mod tests {
     use super::*;
 

@@ -165,6 +165,7 @@ pub fn render(r: &BootTestResult, snapshot_time: Option<&str>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
 mod tests {
     use super::*;
     use repo_format::{CheckResult, SnapshotId};

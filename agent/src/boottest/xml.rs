@@ -145,6 +145,7 @@ pub fn sandbox_xml(xml: &str, console_log: &Path) -> Result<SandboxXml> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
 mod tests {
     use super::*;
 
