@@ -133,9 +133,16 @@ pub struct CommitArgs {
 /// `lifeboat reconcile`
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
+    /// Only these domains (default: every rollback point).
+    pub vms: Vec<String>,
     /// Only rollback points on this libvirt URI (default: all).
     #[arg(long)]
     pub connect: Option<String>,
+    /// Also look for Lifeboat rollback snapshots whose state file is gone (on --connect, or
+    /// qemu:///system) and rebuild it from the snapshot, so their expiry holds. Use it where
+    /// one state directory serves the host (the timer).
+    #[arg(long)]
+    pub adopt_orphans: bool,
 }
 
 /// `lifeboat audit-snapshots`

@@ -386,6 +386,20 @@ fn protect_expired_point_is_reconciled() -> Result<()> {
     // Idempotent.
     let r = env.json(&["reconcile"])?;
     ensure!(r["points"].as_array().is_some_and(|a| a.is_empty()), "{r}");
+
+    // The state file is lost: --adopt-orphans rebuilds it from the snapshot, expiry holds.
+    protect(&env, &vm, "1s")?;
+    std::fs::remove_file(env.state_file(&vm.name))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let r = env.json(&["reconcile", &vm.name])?;
+    ensure!(r["points"].as_array().is_some_and(|a| a.is_empty()), "{r}");
+    let r = env.json(&["reconcile", &vm.name, "--adopt-orphans"])?;
+    ensure!(
+        r["points"][0]["action"] == "consolidated",
+        "orphan not consolidated: {r}"
+    );
+    assert_consolidated(&env, &vm)?;
+    vm.wait_agent(Duration::from_secs(30))?;
     Ok(())
 }
 

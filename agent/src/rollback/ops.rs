@@ -695,6 +695,83 @@ fn archive(st: &RollbackState) {
     }
 }
 
+/// Rebuilds the state of a Lifeboat rollback snapshot whose state file is lost (state
+/// directory wiped, restored host): overlays from the snapshot XML, bases from the overlays'
+/// backing files, expiry from the description. `None` when it cannot be rebuilt safely (no
+/// expiry recorded, an overlay without a backing file).
+pub fn adopt(
+    dom: &Dom,
+    uri: &str,
+    snap: &libvirt::snapshot::SnapshotInfo,
+) -> Result<Option<RollbackState>> {
+    let Some(expires) = snap
+        .description
+        .as_deref()
+        .and_then(|d| d.split("expires: ").nth(1))
+        .and_then(|r| r.split(';').next())
+        .and_then(|t| t.trim().parse::<Timestamp>().ok())
+    else {
+        return Ok(None);
+    };
+    let created = Timestamp::from_second(snap.creation_time).unwrap_or(expires);
+    let mut disks = Vec::new();
+    for d in snap.disks.iter().filter(|d| d.snapshot == "external") {
+        let Some(overlay) = d.file.clone() else {
+            return Ok(None);
+        };
+        let out = qemu_img(&[
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            overlay.as_os_str(),
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out).ctx(ErrorKind::Other, || {
+            "qemu-img info printed invalid JSON".into()
+        })?;
+        let base = v
+            .get("full-backing-filename")
+            .or_else(|| v.get("backing-filename"))
+            .and_then(|b| b.as_str());
+        let format = v.get("backing-filename-format").and_then(|b| b.as_str());
+        let (Some(base), Some(format)) = (base, format) else {
+            return Ok(None);
+        };
+        disks.push(RbDisk {
+            target: d.name.clone(),
+            base: PathBuf::from(base),
+            base_format: format.to_string(),
+            overlay,
+        });
+    }
+    if disks.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(RollbackState {
+        version: 1,
+        vm: dom.name().to_string(),
+        uuid: dom.uuid().map_err(|e| src(e, "read domain UUID"))?,
+        uri: uri.to_string(),
+        snapshot: snap.name.clone(),
+        reason: snap
+            .description
+            .as_deref()
+            .and_then(|d| d.split("reason: ").nth(1))
+            .and_then(|r| r.split(';').next())
+            .map(str::to_owned),
+        created,
+        expires,
+        disks,
+        memory: snap.memory_file.clone(),
+        memory_frozen: true,
+        backup: None,
+        complete: true,
+        phase: Phase::Ready,
+        updated: Timestamp::now(),
+    }))
+}
+
 /// The last consolidated point of `vm`, if recorded.
 pub fn last(vm: &str) -> Option<RollbackState> {
     let data = std::fs::read(state::dir().join(format!("{vm}.last"))).ok()?;
