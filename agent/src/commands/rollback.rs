@@ -26,7 +26,6 @@ pub async fn run(global: &GlobalOpts, args: RollbackArgs) -> Result<()> {
     let vm = args.vm.clone();
     let lock = state::lock(&vm)?;
     let vm2 = vm.clone();
-    let default_uri = args.connect.clone();
     let r = blocking(
         move || -> Result<std::result::Result<(ops::Outcome, Vec<String>), String>> {
             let Some(mut st) = state::load(&vm2)? else {
@@ -50,7 +49,6 @@ pub async fn run(global: &GlobalOpts, args: RollbackArgs) -> Result<()> {
         },
     )
     .await?;
-    let _ = default_uri;
     match r {
         Ok((o, notes)) => {
             drop(lock);
