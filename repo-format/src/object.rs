@@ -2,9 +2,10 @@
 //!
 //! Pure code: no I/O.
 
+use std::cell::RefCell;
 use std::io::Read as _;
 
-use chacha20poly1305::aead::{Aead, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, Payload};
 use chacha20poly1305::XNonce;
 
 use crate::crypto::{random_bytes, Keys};
@@ -26,7 +27,43 @@ fn aad(header: &[u8; magic::OBJECT_HEADER_LEN], id: &[u8; 32]) -> [u8; 40] {
     aad
 }
 
+thread_local! {
+    /// One zstd compression context per thread (and level), reused across objects: creating a
+    /// context per 1 MiB chunk allocated (and page-faulted in) several MiB of tables each time.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    /// One zstd decompression context per thread, for the same reason.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Appends the zstd compression of `plain` at `level` to `out` if it is smaller than `plain`;
+/// returns whether it did (on `false`, `out` is unchanged).
+fn compress_append(plain: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    let written = COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let (_, c) = slot.as_mut()?;
+        let mut cursor = std::io::Cursor::new(&mut *out);
+        cursor.set_position(start as u64);
+        c.compress_to_buffer(plain, &mut cursor).ok()
+    });
+    match written {
+        Some(n) if n < plain.len() && out.len() == start + n => true,
+        _ => {
+            out.truncate(start);
+            false
+        }
+    }
+}
+
 /// Seals `plain` (whose id is `id`) as an object of `kind`.
+///
+/// One allocation: the payload is compressed straight into the output buffer (after the header
+/// and nonce) and encrypted there in place.
 pub(crate) fn seal(
     keys: Option<&Keys>,
     kind: u8,
@@ -34,50 +71,41 @@ pub(crate) fn seal(
     plain: &[u8],
     zstd_level: i32,
 ) -> Result<Vec<u8>> {
-    let compressed = zstd::bulk::compress(plain, zstd_level)
-        .ok()
-        .filter(|c| c.len() < plain.len());
+    let m = magic::OBJECT_MAGIC;
+    let mut header = [m[0], m[1], m[2], m[3], magic::OBJECT_VERSION, kind, 0, 0];
+    let nonce_len = if keys.is_some() { magic::NONCE_LEN } else { 0 };
+    let start = magic::OBJECT_HEADER_LEN + nonce_len;
+    let bound = zstd::zstd_safe::compress_bound(plain.len()).max(plain.len());
+    let mut out = Vec::with_capacity(start + bound + magic::TAG_LEN);
+    out.extend_from_slice(&header);
+    out.resize(start, 0);
     let mut flags = 0u8;
-    if compressed.is_some() {
+    if compress_append(plain, zstd_level, &mut out) {
         flags |= magic::FLAG_ZSTD;
+    } else {
+        out.extend_from_slice(plain);
     }
     if keys.is_some() {
         flags |= magic::FLAG_ENCRYPTED;
     }
-    let payload: &[u8] = compressed.as_deref().unwrap_or(plain);
-    let m = magic::OBJECT_MAGIC;
-    let header = [
-        m[0],
-        m[1],
-        m[2],
-        m[3],
-        magic::OBJECT_VERSION,
-        kind,
-        flags,
-        0,
-    ];
-    let mut out = Vec::with_capacity(
-        magic::OBJECT_HEADER_LEN + magic::NONCE_LEN + payload.len() + magic::TAG_LEN,
-    );
-    out.extend_from_slice(&header);
-    match keys {
-        Some(k) => {
-            let mut nonce = [0u8; magic::NONCE_LEN];
-            random_bytes(&mut nonce)?;
-            let ct = k
-                .cipher()
-                .encrypt(
-                    XNonce::from_slice(&nonce),
-                    Payload {
-                        msg: payload,
-                        aad: &aad(&header, id),
-                    },
-                )
-                .map_err(|_| Error::invalid("object too large to encrypt"))?;
-            out.extend_from_slice(&nonce);
-            out.extend_from_slice(&ct);
+    header[6] = flags;
+    if let Some(h) = out.get_mut(..magic::OBJECT_HEADER_LEN) {
+        h.copy_from_slice(&header);
+    }
+    if let Some(k) = keys {
+        let mut nonce = [0u8; magic::NONCE_LEN];
+        random_bytes(&mut nonce)?;
+        if let Some(n) = out.get_mut(magic::OBJECT_HEADER_LEN..start) {
+            n.copy_from_slice(&nonce);
         }
-        None => out.extend_from_slice(payload),
+        let payload = out
+            .get_mut(start..)
+            .ok_or_else(|| Error::invalid("object buffer too short"))?;
+        let tag = k
+            .cipher()
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(&header, id), payload)
+            .map_err(|_| Error::invalid("object too large to encrypt"))?;
+        out.extend_from_slice(&tag);
     }
     Ok(out)
 }
@@ -175,11 +203,15 @@ fn decompress(data: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {
             )));
         }
         let mut out = Vec::with_capacity(declared);
-        if zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(data, &mut out))
-            .is_ok()
-            && out.len() == declared
-        {
+        let ok = DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = zstd::bulk::Decompressor::new().ok();
+            }
+            slot.as_mut()
+                .is_some_and(|d| d.decompress_to_buffer(data, &mut out).is_ok())
+        });
+        if ok && out.len() == declared {
             return Ok(out);
         }
     }
