@@ -104,6 +104,10 @@ pub struct Ceilings {
     pub open_n: f64,
     /// Compressed size / plaintext size of the sample.
     pub compress_ratio: f64,
+    /// CPU seconds per 10^6 bytes of the all-core seal (what the work costs, whatever the load).
+    pub seal_cpu_per_mb: f64,
+    /// CPU seconds per 10^6 bytes of the all-core open.
+    pub open_cpu_per_mb: f64,
 }
 
 struct Sealed {
@@ -163,14 +167,17 @@ pub fn measure(sample: &Sample, level: i32, threads: usize) -> Ceilings {
                 .ok(),
         );
     }));
+    let cpu0 = crate::proc::self_cpu_secs();
     let seal_n = rate(par(ch, threads, |c| {
         std::hint::black_box(seal(&key, &cipher, level, c));
     }));
+    let seal_cpu_per_mb = (crate::proc::self_cpu_secs() - cpu0) / (bytes / 1e6);
     let sealed: Vec<(Sealed, usize)> = ch
         .iter()
         .map(|c| (seal(&key, &cipher, level, c), c.len()))
         .collect();
     let stored: usize = sealed.iter().map(|(s, _)| s.ct.len()).sum();
+    let cpu0 = crate::proc::self_cpu_secs();
     let open_n = rate(par(&sealed, threads, |(s, len)| {
         let pt = cipher
             .decrypt(
@@ -189,7 +196,10 @@ pub fn measure(sample: &Sample, level: i32, threads: usize) -> Ceilings {
         let ok = blake3::keyed_hash(&key, &plain) == blake3::Hash::from_bytes(s.id);
         std::hint::black_box(ok);
     }));
+    let open_cpu_per_mb = (crate::proc::self_cpu_secs() - cpu0) / (bytes / 1e6);
     Ceilings {
+        seal_cpu_per_mb,
+        open_cpu_per_mb,
         blake3_1,
         blake3_n,
         zstd_1,

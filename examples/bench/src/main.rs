@@ -386,7 +386,7 @@ fn one_round(
 
     // Ceiling: NBD read of the same export.
     let r = proc::sh(&format!("{export} null:"), &[], &ctx.scratch)?;
-    rep.add("ceil.nbdcopy", Best::time(r.secs, r.max_rss_kib, 0));
+    rep.add("ceil.nbdcopy", Best::of(&r, 0));
 
     // Lifeboat full.
     ctx.init_repo(&repo)?;
@@ -399,10 +399,7 @@ fn one_round(
         bail!("first backup was not full: {j}");
     }
     rep.allocated = u64_at(&j, "/disks/0/allocated_bytes");
-    rep.add(
-        "lb.full",
-        Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&repo)),
-    );
+    rep.add("lb.full", Best::of(&r, proc::du_bytes(&repo)));
 
     // Peers, full.
     let restic_repo = w.join("restic");
@@ -437,10 +434,7 @@ fn one_round(
             &restic_env,
             &ctx.scratch,
         )?;
-        rep.add(
-            "restic.full",
-            Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&restic_repo)),
-        );
+        rep.add("restic.full", Best::of(&r, proc::du_bytes(&restic_repo)));
     }
     if have_borg {
         rm(&borg_repo);
@@ -454,10 +448,7 @@ fn one_round(
             &borg_env,
             &ctx.scratch,
         )?;
-        rep.add(
-            "borg.full",
-            Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&borg_repo)),
-        );
+        rep.add("borg.full", Best::of(&r, proc::du_bytes(&borg_repo)));
     }
 
     // 1 % dirty, spread over the disk.
@@ -472,20 +463,14 @@ fn one_round(
         bail!("second backup was not incremental: {j}");
     }
     rep.dirty = u64_at(&j, "/disks/0/dirty_bytes");
-    rep.add(
-        "lb.incr",
-        Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&repo)),
-    );
+    rep.add("lb.incr", Best::of(&r, proc::du_bytes(&repo)));
     if have_restic {
         let r = proc::sh(
             &format!("{export} - | restic backup -q --stdin --stdin-filename vda.raw"),
             &restic_env,
             &ctx.scratch,
         )?;
-        rep.add(
-            "restic.incr",
-            Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&restic_repo)),
-        );
+        rep.add("restic.incr", Best::of(&r, proc::du_bytes(&restic_repo)));
         rm(&restic_repo);
     }
     if have_borg {
@@ -494,10 +479,7 @@ fn one_round(
             &borg_env,
             &ctx.scratch,
         )?;
-        rep.add(
-            "borg.incr",
-            Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&borg_repo)),
-        );
+        rep.add("borg.incr", Best::of(&r, proc::du_bytes(&borg_repo)));
         rm(&borg_repo);
     }
 
@@ -511,10 +493,7 @@ fn one_round(
             &[],
             &ctx.scratch,
         )?;
-        rep.add(
-            &format!("ceil.convert.{fmt}"),
-            Best::time(r.secs, r.max_rss_kib, 0),
-        );
+        rep.add(&format!("ceil.convert.{fmt}"), Best::of(&r, 0));
         rm(&out);
         rm(&restore_dir);
         let r = ctx.lb(
@@ -528,10 +507,7 @@ fn one_round(
                 fmt,
             ],
         )?;
-        rep.add(
-            &format!("lb.restore.{fmt}"),
-            Best::time(r.secs, r.max_rss_kib, 0),
-        );
+        rep.add(&format!("lb.restore.{fmt}"), Best::of(&r, 0));
         rm(&restore_dir);
     }
 
@@ -539,7 +515,7 @@ fn one_round(
     let r = ctx.lb(&repo, &["verify", "--read-data"])?;
     let j = r.json()?;
     rep.verify_bytes = u64_at(&j, "/bytes_checked");
-    rep.add("lb.verify", Best::time(r.secs, r.max_rss_kib, 0));
+    rep.add("lb.verify", Best::of(&r, 0));
 
     // CPU ceilings, in the same round.
     let start = Instant::now();
@@ -575,10 +551,7 @@ fn sparse_test(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         &repo,
         &["backup-image", &d, "--name", "sparse", "--disk", "vda"],
     )?;
-    rep.add(
-        "lb.sparse.full",
-        Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&repo)),
-    );
+    rep.add("lb.sparse.full", Best::of(&r, proc::du_bytes(&repo)));
     qemu_io(&disk, &dirty_cmds(tib, 64 * MIB, 100), &ctx.scratch)?;
     let r = ctx.lb(
         &repo,
@@ -589,10 +562,7 @@ fn sparse_test(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         bail!("sparse second backup was not incremental: {j}");
     }
     rep.sparse_dirty = u64_at(&j, "/disks/0/dirty_bytes");
-    rep.add(
-        "lb.sparse.incr",
-        Best::time(r.secs, r.max_rss_kib, proc::du_bytes(&repo)),
-    );
+    rep.add("lb.sparse.incr", Best::of(&r, proc::du_bytes(&repo)));
     rm(&repo);
     rm(&disk);
     Ok(())

@@ -14,6 +14,9 @@ pub struct Run {
     /// Peak resident set size in KiB (the largest of the process tree `/usr/bin/time` waited
     /// for), when measurable.
     pub max_rss_kib: Option<u64>,
+    /// CPU seconds (user + system) of the process and the children it waited for (e.g. the
+    /// qemu-nbd a backup starts), when measurable.
+    pub cpu_secs: Option<f64>,
     /// Standard output.
     pub stdout: Vec<u8>,
 }
@@ -35,7 +38,11 @@ pub fn run(argv: &[&str], env: &[(&str, &str)], scratch: &Path) -> Result<Run> {
     let use_time = Path::new("/usr/bin/time").exists();
     let mut cmd = if use_time {
         let mut c = Command::new("/usr/bin/time");
-        c.arg("-f").arg("%M").arg("-o").arg(&time_out).arg(prog);
+        c.arg("-f")
+            .arg("%M %U %S")
+            .arg("-o")
+            .arg(&time_out)
+            .arg(prog);
         c
     } else {
         Command::new(prog)
@@ -66,18 +73,46 @@ pub fn run(argv: &[&str], env: &[(&str, &str)], scratch: &Path) -> Result<Run> {
                 .join("\n")
         );
     }
-    let max_rss_kib = if use_time {
-        std::fs::read_to_string(&time_out)
-            .ok()
-            .and_then(|s| s.lines().last().and_then(|l| l.trim().parse().ok()))
+    let (max_rss_kib, cpu_secs) = if use_time {
+        parse_time_output(&std::fs::read_to_string(&time_out).unwrap_or_default())
     } else {
-        None
+        (None, None)
     };
     Ok(Run {
         secs,
         max_rss_kib,
+        cpu_secs,
         stdout: out.stdout,
     })
+}
+
+/// Parses the last line of `/usr/bin/time -f "%M %U %S"`: peak RSS KiB, user + system seconds.
+pub fn parse_time_output(s: &str) -> (Option<u64>, Option<f64>) {
+    let Some(line) = s.lines().last() else {
+        return (None, None);
+    };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let rss = f.first().and_then(|x| x.parse().ok());
+    let cpu = match (
+        f.get(1).and_then(|x| x.parse::<f64>().ok()),
+        f.get(2).and_then(|x| x.parse::<f64>().ok()),
+    ) {
+        (Some(u), Some(s)) => Some(u + s),
+        _ => None,
+    };
+    (rss, cpu)
+}
+
+/// CPU seconds (user + system, all threads) this process has used so far, from
+/// `/proc/self/stat` (clock ticks, assumed 100 per second as on every Linux build we run).
+pub fn self_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, i.e. 12 and 13 after ")".
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Runs a shell pipeline (`sh -c`), timed like [`run`].

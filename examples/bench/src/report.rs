@@ -18,6 +18,8 @@ pub struct Best {
     pub rss_kib: Option<u64>,
     /// Repository size in bytes after the run (0 if not applicable).
     pub repo_bytes: u64,
+    /// CPU seconds, user + system, children included (minimum over rounds).
+    pub cpu_secs: Option<f64>,
     /// Rounds measured.
     pub n: u32,
 }
@@ -29,7 +31,16 @@ impl Best {
             secs,
             rss_kib,
             repo_bytes,
+            cpu_secs: None,
             n: 1,
+        }
+    }
+
+    /// One round's result of a finished command.
+    pub fn of(r: &crate::proc::Run, repo_bytes: u64) -> Best {
+        Best {
+            cpu_secs: r.cpu_secs,
+            ..Best::time(r.secs, r.max_rss_kib, repo_bytes)
         }
     }
 }
@@ -107,6 +118,10 @@ impl Report {
             .entry(name.to_string())
             .and_modify(|old| {
                 old.rss_kib = old.rss_kib.max(b.rss_kib);
+                old.cpu_secs = match (old.cpu_secs, b.cpu_secs) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
                 old.n += 1;
                 if b.secs < old.secs {
                     old.secs = b.secs;
@@ -128,6 +143,8 @@ impl Report {
                 seal_n: o.seal_n.max(c.seal_n),
                 open_n: o.open_n.max(c.open_n),
                 compress_ratio: c.compress_ratio,
+                seal_cpu_per_mb: o.seal_cpu_per_mb.min(c.seal_cpu_per_mb),
+                open_cpu_per_mb: o.open_cpu_per_mb.min(c.open_cpu_per_mb),
             },
         };
         self.cpu = Some(best);
@@ -392,6 +409,56 @@ impl Report {
             max_rss as f64 / 1024.0
         );
         let _ = writeln!(s);
+
+        // CPU work: less sensitive to the load of a shared machine than wall time.
+        if let Some(c) = self.cpu {
+            let _ = writeln!(
+                s,
+                "| CPU work (user + system s, children such as qemu-nbd included) | Lifeboat | ceiling's work | efficiency |"
+            );
+            let _ = writeln!(s, "| --- | --- | --- | --- |");
+            let cpu = |k: &str| self.get(k).and_then(|b| b.cpu_secs);
+            let amb = a as f64 / 1e6;
+            let mut rows: Vec<(String, Option<f64>, Option<f64>, &str)> = vec![(
+                "full backup vs nbdcopy + hash/compress/encrypt of the allocated bytes".into(),
+                cpu("lb.full"),
+                cpu("ceil.nbdcopy").map(|n| n + amb * c.seal_cpu_per_mb),
+                "",
+            )];
+            for fmt in ["qcow2", "raw"] {
+                rows.push((
+                    format!("restore → {fmt} vs qemu-img convert + decrypt/decompress/hash"),
+                    cpu(&format!("lb.restore.{fmt}")),
+                    cpu(&format!("ceil.convert.{fmt}")).map(|n| n + amb * c.open_cpu_per_mb),
+                    "",
+                ));
+            }
+            rows.push((
+                "verify --read-data vs decrypt/decompress/hash of the bytes checked".into(),
+                cpu("lb.verify"),
+                Some(self.verify_bytes as f64 / 1e6 * c.open_cpu_per_mb),
+                "",
+            ));
+            for (name, lb, ceil, _) in rows {
+                match (lb, ceil) {
+                    (Some(l), Some(c)) => {
+                        let _ =
+                            writeln!(s, "| {name} | {l:.2} | {c:.2} | {:.2}× |", c / l.max(1e-9));
+                    }
+                    _ => {
+                        let _ = writeln!(
+                            s,
+                            "| {name} | not measured: no CPU time (needs /usr/bin/time) | | |"
+                        );
+                    }
+                }
+            }
+            let _ = writeln!(
+                s,
+                "\nEfficiency = the ceiling's CPU seconds for the same bytes / Lifeboat's (1.0 = no \
+                 CPU spent beyond the unavoidable work). CPU times have 10 ms resolution.\n"
+            );
+        }
 
         // Peers.
         let mut peers = String::new();
