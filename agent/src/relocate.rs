@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use repo_format::Manifest;
 
@@ -21,8 +22,21 @@ use crate::repo::blocking;
 
 pub use crate::commands::backup_image::DOMAIN_XML_KEY;
 
-/// Name of a snapshot entry that holds the UEFI variable store (NVRAM) instead of a disk.
+/// Name of a snapshot entry that holds the UEFI variable store (NVRAM) instead of a disk (what
+/// `lifeboat backup` writes; it also records it under the metadata key [`NVRAM_ENTRY_KEY`]).
 pub const NVRAM_ENTRY: &str = "nvram";
+
+/// Manifest metadata key naming the NVRAM entry (FORMAT.md, metadata keys).
+pub const NVRAM_ENTRY_KEY: &str = "nvram_entry";
+
+/// The name of the snapshot's NVRAM entry: the `nvram_entry` metadata if present, else
+/// [`NVRAM_ENTRY`].
+pub fn nvram_entry(m: &Manifest) -> &str {
+    m.metadata
+        .get(NVRAM_ENTRY_KEY)
+        .map(String::as_str)
+        .unwrap_or(NVRAM_ENTRY)
+}
 
 /// The domain XML stored in a snapshot.
 pub fn stored_domain_xml(m: &Manifest) -> Result<&str> {
@@ -187,36 +201,70 @@ fn lv_err(e: libvirt::LibvirtError, what: &str) -> Error {
 
 /// Defines the prepared domain and, with `start`, starts it. On any failure after the define,
 /// the new domain is undefined again (and destroyed if it started), so none is left half-made.
+///
+/// Replacing an existing (shut-off) domain (`--force`): its inactive XML is kept, then it is
+/// undefined (its NVRAM file kept) so that the new definition (new UUID) can take the name. If
+/// the new definition is refused or does not start, the old XML is defined again: the old
+/// domain comes back (without its checkpoint/snapshot metadata, which undefine drops).
 pub async fn define(p: &Prepared, start: bool) -> Result<()> {
+    define_timed(p, start).await.map(|_| ())
+}
+
+/// [`define`], returning how long the define and the start took.
+pub async fn define_timed(p: &Prepared, start: bool) -> Result<(Duration, Duration)> {
     let uri = p.uri.clone();
     let name = p.name.clone();
     let xml = p.rewritten.xml.clone();
     let replace = p.replace_existing;
     blocking(move || {
         let hv = Hypervisor::connect(&uri).map_err(|e| lv_err(e, "cannot connect to libvirt"))?;
-        if replace {
+        let old_xml = if replace {
             let old = hv
                 .domain(&name)
                 .map_err(|e| lv_err(e, "cannot look up the domain to replace"))?;
+            let old_xml = old
+                .xml(true)
+                .map_err(|e| lv_err(e, &format!("cannot read the definition of '{name}'")))?;
             old.undefine(true)
                 .map_err(|e| lv_err(e, &format!("cannot undefine the existing domain '{name}'")))?;
-        }
-        let dom = hv
-            .define_xml(&xml)
-            .map_err(|e| lv_err(e, &format!("libvirt refused to define domain '{name}'")))?;
+            Some(old_xml)
+        } else {
+            None
+        };
+        // Puts the replaced domain back after a failure; says so in the error message.
+        let restore_old = |what: String| -> String {
+            match &old_xml {
+                None => what,
+                Some(x) => match hv.define_xml(x) {
+                    Ok(_) => format!("{what}; the previous domain '{name}' was defined again"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not define the previous '{name}' again");
+                        format!("{what}; the previous domain '{name}' could NOT be defined again ({e})")
+                    }
+                },
+            }
+        };
+        let t = Instant::now();
+        let dom = match hv.define_xml(&xml) {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = restore_old(format!("libvirt refused to define domain '{name}'"));
+                return Err(lv_err(e, &msg));
+            }
+        };
+        let defined = t.elapsed();
         if start {
             if let Err(e) = dom.start() {
                 let _ = dom.destroy();
                 if let Err(u) = dom.undefine(true) {
                     tracing::error!(error = %u, "could not undefine '{name}' after a failed start");
                 }
-                return Err(lv_err(
-                    e,
-                    &format!("cannot start domain '{name}' (it was undefined again)"),
-                ));
+                let msg =
+                    restore_old(format!("cannot start domain '{name}' (it was undefined again)"));
+                return Err(lv_err(e, &msg));
             }
         }
-        Ok(())
+        Ok((defined, t.elapsed() - defined))
     })
     .await
 }

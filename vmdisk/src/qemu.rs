@@ -209,7 +209,32 @@ pub async fn create_image(
     size: u64,
     options: &[(String, String)],
 ) -> Result<()> {
+    create_image_impl(path, format, size, options, false).await
+}
+
+/// Like [`create_image`], but with `-u`: a `backing_file` option is written into the header
+/// without opening the backing file (no connection to an NBD backing, nothing probed). The
+/// caller passes the size and `backing_fmt` and vouches for the backing.
+pub async fn create_image_unchecked_backing(
+    path: &Path,
+    format: &str,
+    size: u64,
+    options: &[(String, String)],
+) -> Result<()> {
+    create_image_impl(path, format, size, options, true).await
+}
+
+async fn create_image_impl(
+    path: &Path,
+    format: &str,
+    size: u64,
+    options: &[(String, String)],
+    unchecked_backing: bool,
+) -> Result<()> {
     let mut args = os(&[&"create", &"-q", &"-f", &format]);
+    if unchecked_backing {
+        args.push("-u".into());
+    }
     if !options.is_empty() {
         if let Some((k, _)) = options.iter().find(|(k, _)| k.contains([',', '='])) {
             return Err(Error::invalid(format!("bad qemu-img option name {k:?}")));

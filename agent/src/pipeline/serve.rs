@@ -6,22 +6,43 @@
 //! small LRU cache, since QEMU reads a chunk in many small pieces. A chunk that fails its checks
 //! is an error for that read (the client gets `EIO`) and is counted in
 //! [`RepoSource::failures`], so the caller can fail loudly.
+//!
+//! **Lazy index** ([`RepoSource::lazy`]): the disk index is O(disk size) (one entry per chunk)
+//! to fetch, decrypt, decode and check, so instant restore does not wait for it before the VM
+//! starts. The export's size and block size come from the manifest; the index is loaded by
+//! [`RepoSource::load_index`] (called once in the background) and every read or block-status
+//! request that arrives earlier waits for that load to finish. An index that fails to load or
+//! does not match the manifest makes every read fail (counted in the failures).
+//!
+//! **Test hook**: `LIFEBOAT_TEST_SERVE_CHUNK_DELAY_MS=N` makes every chunk load of a
+//! `RepoSource` (i.e. only what the NBD server reads from the repository, not backup/restore)
+//! sleep N ms first; the e2e tests use it to slow an instant restore's move down
+//! deterministically. Not for production use.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use repo_format::{DiskIndex, Repository};
+use repo_format::{DiskIndex, IndexId, Repository};
 use vmdisk::nbd::{BlockSource, Piece};
+
+/// Environment variable of the chunk-load delay test hook (see the module docs).
+pub const TEST_CHUNK_DELAY_ENV: &str = "LIFEBOAT_TEST_SERVE_CHUNK_DELAY_MS";
 
 /// A snapshot disk served from the repository.
 pub struct RepoSource {
     repo: Arc<Repository>,
-    index: Arc<DiskIndex>,
+    index: OnceLock<std::result::Result<Arc<DiskIndex>, String>>,
+    /// For a lazy source: what to load (index id, disk name).
+    pending: Option<(IndexId, String)>,
+    size: u64,
+    chunk_size: u32,
     cache: Mutex<Lru>,
     failures: AtomicU64,
     last_failure: Mutex<Option<String>>,
+    chunk_delay: Option<Duration>,
 }
 
 struct Lru {
@@ -59,9 +80,48 @@ impl RepoSource {
     /// Serve `index` (checked by the caller with `check_index`) from `repo`, caching up to
     /// `cache_chunks` chunks.
     pub fn new(repo: Arc<Repository>, index: Arc<DiskIndex>, cache_chunks: usize) -> Self {
+        let (size, chunk_size) = (index.disk_size, index.chunk_size);
+        let cell = OnceLock::new();
+        let _ = cell.set(Ok(index));
+        Self::build(repo, cell, None, size, chunk_size, cache_chunks)
+    }
+
+    /// Serve disk `entry` of a snapshot without loading its index yet: size and chunk size
+    /// come from the manifest entry; call [`RepoSource::load_index`] (blocking) to load it.
+    pub fn lazy(
+        repo: Arc<Repository>,
+        entry: &repo_format::DiskEntry,
+        cache_chunks: usize,
+    ) -> Self {
+        Self::build(
+            repo,
+            OnceLock::new(),
+            Some((entry.index, entry.name.clone())),
+            entry.virtual_size,
+            entry.chunk_size,
+            cache_chunks,
+        )
+    }
+
+    fn build(
+        repo: Arc<Repository>,
+        index: OnceLock<std::result::Result<Arc<DiskIndex>, String>>,
+        pending: Option<(IndexId, String)>,
+        size: u64,
+        chunk_size: u32,
+        cache_chunks: usize,
+    ) -> Self {
+        let chunk_delay = std::env::var(TEST_CHUNK_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
         RepoSource {
             repo,
             index,
+            pending,
+            size,
+            chunk_size,
             cache: Mutex::new(Lru {
                 cap: cache_chunks.max(1),
                 map: HashMap::new(),
@@ -69,7 +129,55 @@ impl RepoSource {
             }),
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            chunk_delay,
         }
+    }
+
+    /// Loads and checks the index (once; blocking; concurrent callers wait for the first).
+    /// A failure is counted once and makes every later read fail with the same message.
+    pub fn load_index(&self) -> std::result::Result<Arc<DiskIndex>, String> {
+        let mut first_failure = false;
+        let r = self
+            .index
+            .get_or_init(|| {
+                let r = self.load_index_uncached();
+                first_failure = r.is_err();
+                r
+            })
+            .clone();
+        if let (true, Err(e)) = (first_failure, &r) {
+            let _ = self.fail(e.clone());
+        }
+        r
+    }
+
+    /// Whether the index is loaded (or failed to load).
+    pub fn index_state(&self) -> Option<std::result::Result<(), String>> {
+        self.index
+            .get()
+            .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
+    }
+
+    fn load_index_uncached(&self) -> std::result::Result<Arc<DiskIndex>, String> {
+        let Some((id, name)) = &self.pending else {
+            return Err("no index".into());
+        };
+        let index = self
+            .repo
+            .load_index(id)
+            .map_err(|e| format!("cannot load the index of disk '{name}': {e}"))?;
+        crate::pipeline::restore::check_index(&index, name).map_err(|e| e.to_string())?;
+        if index.disk_size != self.size || index.chunk_size != self.chunk_size {
+            return Err(format!(
+                "the index of disk '{name}' does not match its size or chunk size"
+            ));
+        }
+        Ok(Arc::new(index))
+    }
+
+    fn index(&self) -> vmdisk::Result<Arc<DiskIndex>> {
+        self.load_index()
+            .map_err(|e| vmdisk::Error::new(vmdisk::ErrorKind::Io, e))
     }
 
     /// How many reads failed (corrupt or missing chunks), and the last reason.
@@ -82,15 +190,18 @@ impl RepoSource {
         if let Some(b) = self.cache.lock().ok().and_then(|mut c| c.get(i)) {
             return Ok(b);
         }
-        let cs = u64::from(self.index.chunk_size);
-        let id = self
-            .index
+        let index = self.index()?;
+        let cs = u64::from(index.chunk_size);
+        let id = index
             .entries
             .get(i as usize)
             .copied()
             .flatten()
             .ok_or_else(|| vmdisk::Error::new(vmdisk::ErrorKind::InvalidArgument, "no chunk"))?;
-        let expected = (self.index.disk_size - i * cs).min(cs);
+        let expected = (index.disk_size - i * cs).min(cs);
+        if let Some(d) = self.chunk_delay {
+            std::thread::sleep(d);
+        }
         let data = match self.repo.load_chunk(&id) {
             Ok(d) if d.len() as u64 == expected => Bytes::from(d),
             Ok(d) => {
@@ -119,11 +230,12 @@ impl RepoSource {
 
 impl BlockSource for RepoSource {
     fn size(&self) -> u64 {
-        self.index.disk_size
+        self.size
     }
 
     fn read(&self, offset: u64, len: u32) -> vmdisk::Result<Vec<Piece>> {
-        let cs = u64::from(self.index.chunk_size);
+        let index = self.index()?;
+        let cs = u64::from(index.chunk_size);
         let end = offset + u64::from(len);
         let mut out: Vec<Piece> = Vec::new();
         let mut pos = offset;
@@ -131,13 +243,7 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let stored = self
-                .index
-                .entries
-                .get(i as usize)
-                .copied()
-                .flatten()
-                .is_some();
+            let stored = index.entries.get(i as usize).copied().flatten().is_some();
             if stored {
                 let data = self.chunk(i)?;
                 let from = (pos - i * cs) as usize;
@@ -155,7 +261,10 @@ impl BlockSource for RepoSource {
     }
 
     fn extents(&self, offset: u64, len: u32) -> vmdisk::Result<Vec<(u32, bool)>> {
-        let cs = u64::from(self.index.chunk_size);
+        // Waits for a lazy index still loading (only right after the start; the server calls
+        // this on an async thread, which blocks for the rest of that load).
+        let index = self.index()?;
+        let cs = u64::from(index.chunk_size);
         let end = offset + u64::from(len);
         let mut out: Vec<(u32, bool)> = Vec::new();
         let mut pos = offset;
@@ -163,13 +272,7 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let zero = self
-                .index
-                .entries
-                .get(i as usize)
-                .copied()
-                .flatten()
-                .is_none();
+            let zero = index.entries.get(i as usize).copied().flatten().is_none();
             match out.last_mut() {
                 Some((l, z)) if *z == zero => *l += n,
                 _ => out.push((n, zero)),
@@ -182,6 +285,6 @@ impl BlockSource for RepoSource {
     fn preferred_block_size(&self) -> u32 {
         // QEMU aligns its requests to this; a whole chunk per request is what we serve best,
         // but keep it modest so small guest reads stay small.
-        self.index.chunk_size.clamp(4096, 1 << 16)
+        self.chunk_size.clamp(4096, 1 << 16)
     }
 }
