@@ -331,7 +331,7 @@ async fn prepare_define(
     let mut nvram = None;
     for (d, format, target, _) in plan {
         let path = dir.join(target.file_name().unwrap_or_default());
-        if d.name == crate::relocate::NVRAM_ENTRY {
+        if d.name == crate::relocate::nvram_entry(manifest) {
             nvram = Some(path);
         } else {
             disks.insert(
