@@ -146,11 +146,10 @@ pub async fn backup_disk(
             async move {
                 let (start, end) = chunk_range(idx, chunk_size, size);
                 let chunk_len = usize::try_from(end - start).unwrap_or(0);
-                let mut buf = vec![0u8; chunk_len];
-                let mut any = false;
                 let mut pieces = RangeSet::default();
                 pieces.insert(start, end);
                 let pieces = data.intersect(&pieces);
+                let mut read = Vec::new();
                 for (s, e) in pieces.iter() {
                     let len = u32::try_from(e - s).map_err(|_| {
                         Error::new(ErrorKind::Other, "chunk piece larger than 4 GiB")
@@ -158,14 +157,37 @@ pub async fn backup_disk(
                     let bytes = client.read(s, len).await.ctx(ErrorKind::Source, || {
                         format!("cannot read {len} bytes at offset {s} from the disk export")
                     })?;
-                    let off = usize::try_from(s - start).unwrap_or(0);
-                    let dst = buf.get_mut(off..off + bytes.len()).ok_or_else(|| {
-                        Error::new(ErrorKind::Source, "the NBD server returned too much data")
-                    })?;
-                    dst.copy_from_slice(&bytes);
+                    if bytes.len() != len as usize {
+                        return Err(Error::new(
+                            ErrorKind::Source,
+                            "the NBD server returned a wrong amount of data",
+                        ));
+                    }
                     bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
-                    any = true;
+                    read.push((s, bytes));
                 }
+                let any = !read.is_empty();
+                // The common case, one piece covering the whole chunk, is hashed and sealed
+                // straight from the NBD reply buffer; otherwise the pieces are placed into a
+                // zeroed chunk buffer (the gaps are unallocated or zero).
+                let buf: bytes::Bytes = match read.as_slice() {
+                    [(s, bytes)] if *s == start && bytes.len() == chunk_len => bytes.clone(),
+                    _ => {
+                        let mut buf = vec![0u8; chunk_len];
+                        for (s, bytes) in &read {
+                            let off = usize::try_from(s - start).unwrap_or(0);
+                            let dst = buf.get_mut(off..off + bytes.len()).ok_or_else(|| {
+                                Error::new(
+                                    ErrorKind::Source,
+                                    "the NBD server returned too much data",
+                                )
+                            })?;
+                            dst.copy_from_slice(bytes);
+                        }
+                        bytes::Bytes::from(buf)
+                    }
+                };
+                drop(read);
                 let entry = tokio::task::spawn_blocking(move || -> Result<Option<ChunkId>> {
                     if !any || is_zero(&buf) {
                         return Ok(None);
