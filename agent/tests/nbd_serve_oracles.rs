@@ -67,10 +67,11 @@ fn served_snapshot_matches_nbdinfo_nbdcopy_and_qemu_img_compare() {
     let mut exports: HashMap<String, Arc<dyn BlockSource>> = HashMap::new();
     exports.insert("vda".into(), source.clone());
     let server = Arc::new(Server::new(exports, ServerOptions::default()));
-    let task = rt.block_on(async {
-        let listener = Server::bind_unix(&sock).unwrap();
-        tokio::spawn(server.serve(listener, Some(sock.clone()), rx))
-    });
+    let listener = {
+        let _rt = rt.enter();
+        Server::bind_unix(&sock).unwrap()
+    };
+    let task = rt.spawn(server.serve(listener, Some(sock.clone()), rx));
     let uri = format!("nbd+unix:///vda?socket={}", sock.display());
 
     // 1. nbdinfo --map equals the index layout (a chunk is a hole iff the index has no chunk).

@@ -98,7 +98,7 @@ fn instant_run(s: &Scratch, src: &Source, n: u32, key_file: Option<&Path>) -> Re
     let mut child = s
         .cmd(&[
             "instant-restore",
-            &snap,
+            snap,
             "--connect",
             SYSTEM_URI,
             "--name",
@@ -152,7 +152,7 @@ fn instant_run(s: &Scratch, src: &Source, n: u32, key_file: Option<&Path>) -> Re
         .unwrap_or_default()
         .to_owned();
     ensure!(
-        guest_sum == sha256_of_prefix(&img, 16 * MIB)?,
+        guest_sum == sha256_of_prefix(img, 16 * MIB)?,
         "guest reads different data: {guest_sum}"
     );
 
