@@ -81,6 +81,10 @@ pub async fn restore_disk(
     let size = index.disk_size;
     let written = Arc::new(AtomicU64::new(0));
     let chunks = Arc::new(AtomicU64::new(0));
+    // Buffered writes to one file serialise on the inode lock in the kernel anyway (ext4, xfs);
+    // taking turns here lets waiting workers sleep instead of spinning on that lock
+    // (`rwsem_spin_on_owner` was 10 % of a raw restore's CPU profile).
+    let write_turn = Arc::new(std::sync::Mutex::new(()));
 
     let work = index
         .entries
@@ -93,6 +97,7 @@ pub async fn restore_disk(
             let written = written.clone();
             let chunks = chunks.clone();
             let progress = progress.clone();
+            let write_turn = write_turn.clone();
             async move {
                 let (off, end) = chunk_range(idx, cs, size);
                 let len = end - off;
@@ -100,6 +105,9 @@ pub async fn restore_disk(
                     Sink::File(file) => {
                         tokio::task::spawn_blocking(move || -> Result<()> {
                             let data = load_checked(&repo, &id, len)?;
+                            let _turn = write_turn
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
                             file.write_all_at(&data, off).ctx(ErrorKind::Target, || {
                                 format!("cannot write {len} bytes at offset {off}")
                             })
