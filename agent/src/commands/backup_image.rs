@@ -8,27 +8,24 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use repo_format::{
-    BackupMode, DiskEntry, DiskIndex, Manifest, Repository, SnapshotId, SnapshotKind,
-};
+use repo_format::{DiskEntry, Repository, SnapshotId, SnapshotKind};
 use serde_json::json;
-use vmdisk::nbd::{Client, ConnectOptions};
 use vmdisk::qemu::{self, ImageInfo, QemuNbd, QemuNbdOptions};
 
-use super::{emit, human_bytes, mb_per_s};
+use super::{emit, mb_per_s};
+use crate::backup_common::{self as common, latest_of};
 use crate::cli::{BackupImageArgs, GlobalOpts};
-use crate::error::{repo_err, Context, Error, ErrorKind, Result};
-use crate::pipeline::backup::{self, Mode, ALLOCATION_CONTEXT};
-use crate::pipeline::progress::Progress;
+use crate::error::{Context, Error, ErrorKind, Result};
+use crate::pipeline::backup::{Mode, ALLOCATION_CONTEXT};
 use crate::repo::{self, blocking};
+
+/// Manifest metadata key holding the domain XML; kept here for existing paths
+/// (`crate::relocate` imports it from this module).
+pub use crate::backup_common::DOMAIN_XML_KEY;
 
 /// Prefix of the persistent bitmaps Lifeboat adds to qcow2 images.
 pub const BITMAP_PREFIX: &str = "lifeboat-";
-
-/// Manifest metadata key holding the domain XML (inactive definition), shared with `backup`.
-pub const DOMAIN_XML_KEY: &str = "domain_xml";
 
 /// Read and sanity-check a domain XML file given with `--domain-xml`.
 pub fn read_domain_xml(path: &Path) -> Result<String> {
@@ -45,9 +42,6 @@ pub fn read_domain_xml(path: &Path) -> Result<String> {
     Ok(xml)
 }
 
-/// NBD request timeout for local exports.
-pub const NBD_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Change-tracking decision for one disk.
 #[derive(Debug, Clone)]
 pub struct CbtPlan {
@@ -55,14 +49,6 @@ pub struct CbtPlan {
     pub base_bitmap: Option<String>,
     /// Why the backup is full, when it is.
     pub full_reason: Option<String>,
-}
-
-/// The latest snapshot named `name`, if any.
-pub fn latest_of(repo: &Repository, name: &str) -> Result<Option<(SnapshotId, Manifest)>> {
-    let all = repo
-        .list_snapshots()
-        .map_err(|e| repo_err(e, "cannot list snapshots"))?;
-    Ok(all.into_iter().rfind(|(_, m)| m.name == name))
 }
 
 /// The bitmap name a disk entry recorded for the next incremental backup.
@@ -280,86 +266,39 @@ async fn transfer(
         .as_ref()
         .map(|b| format!("qemu:dirty-bitmap:{b}"));
     contexts.extend(dirty_ctx.iter().cloned());
-    let client = Client::connect(
-        &nbd.addr(),
-        ConnectOptions {
-            export: nbd.export_name().to_string(),
-            meta_contexts: contexts,
-            timeout: NBD_TIMEOUT,
-            ..ConnectOptions::default()
-        },
-    )
-    .await
-    .ctx(ErrorKind::Source, || {
-        "cannot connect to the NBD export".into()
-    })?;
+    let client = common::connect(&nbd.addr(), nbd.export_name().to_string(), contexts)
+        .await
+        .ctx(ErrorKind::Source, || {
+            "cannot connect to the NBD export".into()
+        })?;
 
     let mode = match (&dirty_ctx, parent_entry) {
-        (Some(ctx), Some(pe)) => {
-            let repo2 = repo.clone();
-            let idx = pe.index;
-            let parent_index: DiskIndex = blocking(move || {
-                repo2
-                    .load_index(&idx)
-                    .map_err(|e| repo_err(e, "cannot load the previous snapshot's index"))
-            })
-            .await?;
-            Mode::Incremental {
-                context: ctx.clone(),
-                parent: Arc::new(parent_index),
-            }
-        }
+        (Some(ctx), Some(pe)) => common::incremental_mode(&repo, pe.index, ctx.clone()).await?,
         _ => Mode::Full,
     };
     let incremental = matches!(mode, Mode::Incremental { .. });
 
-    let progress = Progress::new(!global.quiet && !global.json, client.size(), disk_name);
-    let stats =
-        backup::backup_disk(repo.clone(), std::slice::from_ref(&client), mode, &progress).await;
-    progress.finish();
-    let _ = client.disconnect().await;
+    let show = !global.quiet && !global.json;
+    let stats = common::read_disk(repo.clone(), client, mode, show, disk_name).await;
     let stop = nbd.stop().await;
     let stats = stats?;
     stop.ctx(ErrorKind::Source, || "qemu-nbd did not stop cleanly".into())?;
 
-    let repo2 = repo.clone();
-    let index = stats.index.clone();
-    let index_id = blocking(move || {
-        repo2
-            .store_index(&index)
-            .map_err(|e| repo_err(e, "cannot store the disk index"))
-    })
-    .await?;
+    let index_id = common::store_index(&repo, &stats.index, "the disk index").await?;
 
-    let mut create_options = std::collections::BTreeMap::new();
-    if format == "qcow2" {
-        if let Some(cs) = info.cluster_size {
-            create_options.insert("cluster_size".to_string(), cs.to_string());
-        }
-        if let Some(c) = &info.compat {
-            create_options.insert("compat".to_string(), c.clone());
-        }
-    }
-    let mode_str = if incremental { "incremental" } else { "full" };
-    let disk = DiskEntry {
-        name: disk_name.to_string(),
-        virtual_size: stats.index.disk_size,
-        format: format.to_string(),
-        chunk_size: repo.chunk_size(),
-        index: index_id,
-        source: Some(file.display().to_string()),
-        qemu_img_info: Some(info.raw.clone()),
-        create_options,
-        backup_mode: if incremental {
-            BackupMode::Incremental
-        } else {
-            BackupMode::Full
-        },
-        bytes_read: stats.bytes_read,
-        bytes_new: stats.bytes_new,
-        chunks_new: stats.chunks_new,
-        cbt: new_bitmap.map(|b| json!({ "type": "qcow2-bitmap", "bitmap": b })),
-    };
+    let mode_str = common::mode_name(incremental);
+    let mut disk = common::disk_entry(
+        disk_name,
+        format,
+        repo.chunk_size(),
+        index_id,
+        &stats,
+        incremental,
+    );
+    disk.source = Some(file.display().to_string());
+    disk.qemu_img_info = Some(info.raw.clone());
+    disk.create_options = common::create_options(format, Some(info));
+    disk.cbt = new_bitmap.map(|b| json!({ "type": "qcow2-bitmap", "bitmap": b }));
     let mut metadata = std::collections::BTreeMap::new();
     if let Some(r) = &plan.full_reason {
         metadata.insert("full_reason".to_string(), r.clone());
@@ -367,56 +306,31 @@ async fn transfer(
     if let Some(p) = &args.domain_xml {
         metadata.insert(DOMAIN_XML_KEY.to_string(), read_domain_xml(p)?);
     }
-    let manifest = Manifest {
-        version: 1,
-        name: args.name.clone(),
-        hostname: super::hostname(),
-        time: jiff::Timestamp::now(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        parent: if incremental { parent_id } else { None },
-        kind: SnapshotKind::Image,
-        disks: vec![disk],
+    let manifest = common::new_manifest(
+        args.name.clone(),
+        SnapshotKind::Image,
+        if incremental { parent_id } else { None },
+        vec![disk],
         metadata,
-        tags: args.tags.clone(),
-    };
-    let repo2 = repo.clone();
-    let snap_id = blocking(move || {
-        repo2
-            .commit_snapshot(&manifest)
-            .map_err(|e| repo_err(e, "cannot commit the snapshot"))
-    })
-    .await?;
+        args.tags.clone(),
+    );
+    let snap_id = common::commit(&repo, manifest).await?;
 
     let secs = stats.elapsed.as_secs_f64();
+    let mut disk_json = common::disk_json(disk_name, &stats);
+    disk_json["chunks_processed"] = json!(stats.chunks_processed);
     let json = json!({
         "name": args.name,
         "mode": mode_str,
         "full_reason": plan.full_reason,
-        "disks": [{
-            "name": disk_name,
-            "virtual_size": stats.index.disk_size,
-            "allocated_bytes": stats.allocated_bytes,
-            "dirty_bytes": stats.dirty_bytes,
-            "bytes_read": stats.bytes_read,
-            "bytes_new": stats.bytes_new,
-            "chunks_new": stats.chunks_new,
-            "chunks_processed": stats.chunks_processed,
-            "seconds": secs,
-        }],
+        "disks": [disk_json],
     });
-    let why = plan
-        .full_reason
-        .as_ref()
-        .map(|r| format!(" ({r})"))
-        .unwrap_or_default();
     let text = format!(
-        "snapshot {} of {}: {mode_str}{why}\n  {disk_name}: {} virtual, {} allocated, read {}, stored {} new in {} chunks, {:.1} s ({:.0} MB/s read)",
-        snap_id.to_string().get(..12).unwrap_or_default(),
+        "snapshot {} of {}: {mode_str}{}\n  {disk_name}: {} in {} chunks, {:.1} s ({:.0} MB/s read)",
+        common::short_id(&snap_id),
         args.name,
-        human_bytes(stats.index.disk_size),
-        human_bytes(stats.allocated_bytes),
-        human_bytes(stats.bytes_read),
-        human_bytes(stats.bytes_new),
+        common::reason_suffix(plan.full_reason.as_ref()),
+        common::sizes_text(&stats),
         stats.chunks_new,
         secs,
         mb_per_s(stats.bytes_read, secs),

@@ -16,8 +16,8 @@ use serde_json::json;
 use vmdisk::nbd::{Client, ConnectOptions};
 use vmdisk::qemu::{self, QemuNbd, QemuNbdOptions};
 
-use super::backup_image::NBD_TIMEOUT;
 use super::{emit, human_bytes, mb_per_s};
+use crate::backup_common::NBD_TIMEOUT;
 use crate::cli::{GlobalOpts, RestoreArgs};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 use crate::pipeline::progress::Progress;
