@@ -5,43 +5,17 @@
 //! the persistent bitmap; bitmap removed → full with a reason), and every snapshot restores to a
 //! clean filesystem with the right files. One guest with two disks (qcow2 + raw) serves all steps.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use lifeboat_e2e::{check_ext4, read_file_from_ext4, virsh, wait_until, DiskSpec, TestVm};
+use lifeboat_e2e::{
+    check_ext4, lifeboat_bin, read_file_from_ext4, virsh, wait_until, DiskSpec, TestVm,
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-/// Builds the `lifeboat` binary once and returns its path.
-fn lifeboat_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(b) = BIN.get() {
-        return Ok(b.clone());
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "-q", "-p", "lifeboat"])
-        .current_dir(&root)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "cargo build -p lifeboat: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("debug").join("lifeboat");
-    ensure!(bin.is_file(), "no binary at {}", bin.display());
-    Ok(BIN.get_or_init(|| bin).clone())
-}
 
 struct Repo {
     dir: tempfile::TempDir,
