@@ -25,7 +25,6 @@ mod error;
 mod ffi;
 pub mod rewrite;
 pub mod snapshot;
-mod snapshot_ffi;
 pub mod xml;
 
 use std::ffi::CString;

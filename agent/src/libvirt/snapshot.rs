@@ -28,7 +28,7 @@ use virt::sys;
 
 use super::error::{ErrorKind, LibvirtError, Result};
 use super::xml::escape;
-use super::{cstring, snapshot_ffi, Dom, Hypervisor};
+use super::{cstring, ffi, Dom, Hypervisor};
 
 fn invalid(msg: impl Into<String>) -> LibvirtError {
     LibvirtError::new(ErrorKind::InvalidData, msg)
@@ -374,7 +374,7 @@ impl Dom {
     pub fn block_commit(&self, target: &str) -> Result<()> {
         let t = cstring("disk target", target)?;
         if self.block_job(target)?.is_none() {
-            snapshot_ffi::block_commit_active(&self.dom, &t)
+            ffi::block_commit_active(&self.dom, &t)
                 .map_err(|e| self.err(&format!("start block commit of {target}"), e))?;
         }
         let start = Instant::now();
@@ -392,7 +392,7 @@ impl Dom {
                 }
             };
             if ready {
-                match snapshot_ffi::block_job_abort(&self.dom, &t, true) {
+                match ffi::block_job_abort(&self.dom, &t, true) {
                     Ok(()) => return Ok(()),
                     // "not ready for pivot yet": cur == end is seen before QEMU's READY event.
                     Err(e) if e.code() == virt::error::ErrorNumber::BlockCopyActive => {}
@@ -418,7 +418,7 @@ impl Dom {
     pub fn block_job_cancel(&self, target: &str) -> Result<()> {
         let t = cstring("disk target", target)?;
         if self.block_job(target)?.is_some() {
-            snapshot_ffi::block_job_abort(&self.dom, &t, false)
+            ffi::block_job_abort(&self.dom, &t, false)
                 .map_err(|e| self.err(&format!("cancel block job on {target}"), e))?;
         }
         Ok(())
@@ -440,7 +440,7 @@ impl Hypervisor {
     pub fn restore_memory(&self, file: &Path, xml: &str) -> Result<()> {
         let f = cstring("memory state path", path_str("memory state", file)?)?;
         let x = cstring("domain XML", xml)?;
-        snapshot_ffi::restore_flags(&self.conn, &f, &x).map_err(|e| {
+        ffi::restore_flags(&self.conn, &f, &x).map_err(|e| {
             LibvirtError::from_virt(format!("restore memory state {}", file.display()), e)
         })
     }
