@@ -333,7 +333,7 @@ fn main() -> Result<()> {
         rep.note(
             "virtnbdbackup",
             if proc::have("virtnbdbackup") {
-                "not measured: needs a running libvirt domain with a qcow2 disk; the harness does not boot one yet"
+                "not measured in this run: needs a running libvirt domain; examples/bench/scripts/virt-peer.sh measures it separately (results in docs/BENCHMARKS.md)"
             } else {
                 "not measured: virtnbdbackup is not installed (scripts/install-bench-peers.sh)"
             },
