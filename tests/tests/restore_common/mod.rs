@@ -6,28 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use lifeboat_e2e::{run, run_output, test_guest, VM_ROOT};
 
-/// The `lifeboat` binary of this build (built on first use).
-pub fn lifeboat_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target directory")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "lifeboat", "--bin", "lifeboat"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CARGO_TARGET_DIR", dir.parent().context("no target dir")?)
-        .status()
-        .context("building lifeboat")?;
-    if !st.success() {
-        bail!("cargo build -p lifeboat failed");
-    }
-    Ok(dir.join("lifeboat"))
-}
+pub use lifeboat_e2e::lifeboat_bin;
 
 /// A scratch directory under VM_ROOT, removed on drop (unless LIFEBOAT_KEEP_TEST_VMS).
 pub struct Scratch {
