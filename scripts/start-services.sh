@@ -26,14 +26,15 @@ if [ -S /run/libvirt/virtlogd-sock ] && running /run/virtlogd.pid; then
 else
     log "starting virtlogd"
     rm -f /run/libvirt/virtlogd-sock /run/libvirt/virtlogd-admin-sock
-    virtlogd -d
+    # 9>&-: the daemons must not inherit the lock's descriptor, or they hold the lock forever.
+    virtlogd -d 9>&-
 fi
 
 if [ -S /run/libvirt/libvirt-sock ] && running /run/libvirtd.pid; then
     :
 else
     log "starting libvirtd"
-    libvirtd -d
+    libvirtd -d 9>&-
 fi
 
 i=0
