@@ -59,6 +59,31 @@ impl LibvirtHost {
         f(&d)
     }
 
+    /// Runs `f` on the domain; when it fails because the connection to libvirtd is gone (e.g.
+    /// libvirtd restarted), connects again once and retries. For idempotent clean-up calls only.
+    fn with_dom_reconnecting<T>(&self, f: impl Fn(&Dom) -> Result<T>) -> Result<T> {
+        let mut d = self
+            .dom
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Other, "libvirt handle lock poisoned"))?;
+        match f(&d) {
+            Err(e) if connection_lost(&e) => {
+                tracing::warn!("lost the connection to libvirtd ({e}); connecting again");
+                let fresh = libvirt::Hypervisor::connect(&self.uri)
+                    .and_then(|hv| hv.domain(&self.name))
+                    .ctx(ErrorKind::Source, || {
+                        format!(
+                            "lost the connection to libvirtd and cannot connect again at {}",
+                            self.uri
+                        )
+                    })?;
+                *d = fresh;
+                f(&d)
+            }
+            r => r,
+        }
+    }
+
     fn agent_call<T>(
         &self,
         what: &str,
@@ -133,10 +158,39 @@ impl VmHost for LibvirtHost {
         })
     }
 
+    fn job_alive(&self) -> Result<()> {
+        self.with_dom(|d| match d.active_job() {
+            Ok(Some(libvirt::JobKind::Backup)) => Ok(()),
+            Ok(_) => Err(Error::new(
+                ErrorKind::Source,
+                format!(
+                    "the backup job of domain {} ended before the transfer was done (domain \
+                     stopped or job aborted); nothing was committed",
+                    self.name
+                ),
+            )),
+            Err(e) if e.kind() == libvirt::ErrorKind::Connect => Err(Error::with_source(
+                ErrorKind::Source,
+                format!(
+                    "lost the connection to libvirtd during the backup of domain {} (libvirtd \
+                     restarted or stopped?): the job's state cannot be confirmed, nothing was \
+                     committed",
+                    self.name
+                ),
+                e,
+            )),
+            Err(e) => Err(Error::with_source(
+                ErrorKind::Source,
+                "cannot confirm that the backup job is still active; nothing was committed",
+                e,
+            )),
+        })
+    }
+
     fn end_job(&self) -> Result<()> {
-        self.with_dom(|d| match d.abort_job() {
+        self.with_dom_reconnecting(|d| match d.abort_job() {
             Ok(()) => Ok(()),
-            // Already gone (domain stopped, libvirtd restarted): nothing to end.
+            // Already gone (domain stopped): nothing to end.
             Err(e)
                 if matches!(
                     e.kind(),
@@ -162,6 +216,20 @@ impl VmHost for LibvirtHost {
     }
 
     fn delete_checkpoint(&self, name: &str) -> Result<()> {
-        self.with_dom(|d| super::checkpoints::delete(d, name))
+        self.with_dom_reconnecting(|d| super::checkpoints::delete(d, name))
     }
+}
+
+/// Does `e` (from this crate's error chain) come from a lost libvirt connection?
+fn connection_lost(e: &Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if x.downcast_ref::<libvirt::LibvirtError>()
+            .is_some_and(|l| l.kind() == libvirt::ErrorKind::Connect)
+        {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
 }
