@@ -1,8 +1,9 @@
 //! [`VmHost`] over libvirt: the guest agent through `virDomainQemuAgentCommand` (typed commands
 //! and timeouts from `guest-quiesce`), the job through [`Dom`], the thaw guard as a process.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_quiesce::{Agent, FreezeStatus, Transport};
 
@@ -30,6 +31,10 @@ impl Transport for LibvirtTransport<'_> {
 /// Slow (TCG) guests: scale the default QGA timeouts.
 const AGENT_TIMEOUT_SCALE: f64 = 2.0;
 
+/// How long the clean-up after a lost connection waits for libvirtd to come back (a restart
+/// takes a few seconds).
+const RECONNECT_WAIT: Duration = Duration::from_secs(20);
+
 /// The real host.
 pub struct LibvirtHost {
     dom: Mutex<Dom>,
@@ -37,6 +42,7 @@ pub struct LibvirtHost {
     name: String,
     freeze_limit: Duration,
     guard: Mutex<Option<ThawGuard>>,
+    gave_up: AtomicBool,
 }
 
 impl LibvirtHost {
@@ -48,6 +54,7 @@ impl LibvirtHost {
             uri: uri.to_string(),
             freeze_limit,
             guard: Mutex::new(None),
+            gave_up: AtomicBool::new(false),
         }
     }
 
@@ -69,18 +76,41 @@ impl LibvirtHost {
         match f(&d) {
             Err(e) if connection_lost(&e) => {
                 tracing::warn!("lost the connection to libvirtd ({e}); connecting again");
-                let fresh = libvirt::Hypervisor::connect(&self.uri)
-                    .and_then(|hv| hv.domain(&self.name))
-                    .ctx(ErrorKind::Source, || {
-                        format!(
-                            "lost the connection to libvirtd and cannot connect again at {}",
-                            self.uri
-                        )
-                    })?;
-                *d = fresh;
+                *d = self.reconnect()?;
                 f(&d)
             }
             r => r,
+        }
+    }
+
+    /// A fresh handle on a new connection. libvirtd may be restarting: waits up to
+    /// [`RECONNECT_WAIT`] for it, once per run (after one failure, later calls try only once).
+    fn reconnect(&self) -> Result<Dom> {
+        let wait = if self.gave_up.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            RECONNECT_WAIT
+        };
+        let start = Instant::now();
+        loop {
+            match libvirt::Hypervisor::connect(&self.uri).and_then(|hv| hv.domain(&self.name)) {
+                Ok(d) => return Ok(d),
+                Err(e) if e.kind() == libvirt::ErrorKind::Connect && start.elapsed() < wait => {
+                    tracing::debug!("libvirtd not back yet: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    self.gave_up.store(true, Ordering::Relaxed);
+                    return Err(Error::with_source(
+                        ErrorKind::Source,
+                        format!(
+                            "lost the connection to libvirtd and cannot connect again at {}",
+                            self.uri
+                        ),
+                        e,
+                    ));
+                }
+            }
         }
     }
 
