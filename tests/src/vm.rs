@@ -230,6 +230,24 @@ impl TestVm {
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         set_mode(&dir, 0o755)?;
+        // Another libvirtd (a SecondHost) gets its own copy of the kernel and initramfs: two
+        // daemons labelling (chown) one file fight, and the system daemon then refuses to start
+        // guests ("Setting different DAC user or group on …vmlinuz which is already in use").
+        let guest = if uri == SYSTEM_URI {
+            guest
+        } else {
+            let copy = |from: &Path, name: &str| -> Result<PathBuf> {
+                let to = dir.join(name);
+                std::fs::copy(from, &to)
+                    .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+                set_mode(&to, 0o644)?;
+                Ok(to)
+            };
+            GuestFiles {
+                kernel: copy(&guest.kernel, "vmlinuz")?,
+                initrd: copy(&guest.initrd, "initrd.img")?,
+            }
+        };
         let vm = TestVm {
             agent: Agent::new(VirshTransport {
                 uri: uri.to_owned(),
