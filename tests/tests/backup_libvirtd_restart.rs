@@ -4,16 +4,19 @@
 //! `LIFEBOAT_TEST_PAUSE_AFTER_BEGIN` hook after the job began (guest thawed, NBD export up), the
 //! daemon restarts (the guest keeps running, the job is recovered by the new daemon), then:
 //! the run exits non-zero naming the lost connection, the repository lists no new snapshot, the
-//! guest is thawed, and the next run cleans up the leftover job and succeeds; every snapshot
-//! restores to a clean filesystem with the guest's files.
+//! guest is thawed, the failed run itself ended the (recovered) job and deleted its checkpoint
+//! after connecting again, and the next runs are incremental; every snapshot restores to a clean
+//! filesystem with the guest's files.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use lifeboat_e2e::{
-    check_ext4, lifeboat_bin, read_file_from_ext4, virsh, wait_until, DiskSpec, SecondHost, TestVm,
+    check_ext4, lifeboat_bin, read_file_from_ext4, virsh, DiskSpec, SecondHost, TestVm,
 };
 use serde_json::Value;
 
@@ -135,11 +138,16 @@ fn no_leftovers(vm: &TestVm) -> Result<()> {
 
 #[test]
 fn libvirtd_restart_mid_backup_fails_cleanly_and_next_run_recovers() -> Result<()> {
+    let t0 = Instant::now();
     let mut host = SecondHost::start()?;
     let vm = TestVm::create_on(&host.uri, "lvrst", &[DiskSpec::ext4("vda", "qcow2", 64)])?;
     vm.start()?;
     vm.wait_agent(Duration::from_secs(120))?;
     let repo = Repo::new(&host.uri)?;
+    eprintln!(
+        "second host up and guest booted after {:.1} s (guest slot wait included)",
+        t0.elapsed().as_secs_f64()
+    );
 
     // 1. A full backup: the base of what follows.
     let a = pattern(1 << 20, 1);
@@ -154,21 +162,40 @@ fn libvirtd_restart_mid_backup_fails_cleanly_and_next_run_recovers() -> Result<(
     let b = pattern(2 << 20, 2);
     vm.write_file("/mnt/vda/b.bin", &b)?;
     vm.exec_ok("sync")?;
-    let child = repo
+    let mut child = repo
         .backup_cmd(&vm)?
         .env("LIFEBOAT_TEST_PAUSE_AFTER_BEGIN", "8")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
-        let j = virsh(&vm.uri, &["domjobinfo", &vm.name]).unwrap_or_default();
-        Ok(j.contains("Backup").then_some(()))
-    })
-    .context("backup job did not start")?;
+    // Restart once the run sits in the hook (job begun, checkpoint read back, guest thawed):
+    // without a check before the commit, the transfer would go on over the still-open NBD
+    // export and commit.
+    let err = child.stderr.take().context("stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("test hook: pausing") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .context("the backup did not reach the pause hook")?;
+    ensure!(
+        virsh(&vm.uri, &["domjobinfo", &vm.name])?.contains("Backup"),
+        "no backup job while the run is paused"
+    );
+    let t = Instant::now();
     host.restart()?;
+    eprintln!("libvirtd restarted in {:.1} s", t.elapsed().as_secs_f64());
     ensure!(vm.is_running()?, "the guest stopped with libvirtd");
     let o = child.wait_with_output()?;
-    let msg = stderr(&o);
+    let msg = reader.join().unwrap_or_default();
     eprintln!("backup across a libvirtd restart: {} {msg}", o.status);
     ensure!(
         !o.status.success(),
@@ -176,7 +203,8 @@ fn libvirtd_restart_mid_backup_fails_cleanly_and_next_run_recovers() -> Result<(
         String::from_utf8_lossy(&o.stdout)
     );
     ensure!(
-        msg.contains("libvirt") && msg.contains("connection"),
+        msg.contains("error: lost the connection to libvirtd")
+            && msg.contains("nothing was committed"),
         "unclear error: {msg}"
     );
     ensure!(
@@ -187,14 +215,27 @@ fn libvirtd_restart_mid_backup_fails_cleanly_and_next_run_recovers() -> Result<(
         vm.fsfreeze_status()? == "thawed",
         "guest left frozen after the interrupted run"
     );
+    // The failed run connected again to end the job the new daemon recovered, and deleted the
+    // checkpoint it had created: only the full's checkpoint is left.
+    no_leftovers(&vm)?;
+    let cps = virsh(&vm.uri, &["checkpoint-list", "--name", &vm.name])?;
+    let cps: Vec<&str> = cps.lines().filter(|l| !l.trim().is_empty()).collect();
+    ensure!(
+        cps == [full["checkpoint"].as_str().unwrap_or("?")],
+        "checkpoints after the failed run: {cps:?}"
+    );
 
-    // 3. The next run cleans up (the job the new daemon recovered, scratch, the failed run's
-    //    checkpoint) and succeeds; the one after it is an ordinary incremental.
+    // 3. The next run succeeds, incremental from the full; the one after it too.
     let c = pattern(1 << 20, 3);
     vm.write_file("/mnt/vda/c.bin", &c)?;
     vm.exec_ok("sync")?;
     let next = repo.backup(&vm)?;
     eprintln!("after the restart: {next:#}");
+    ensure!(next["mode"] == "incremental", "{next}");
+    ensure!(
+        next["notes"].as_array().is_some_and(|n| n.is_empty()),
+        "the failed run left something to clean up: {next}"
+    );
     no_leftovers(&vm)?;
     let cps = virsh(&vm.uri, &["checkpoint-list", "--name", &vm.name])?;
     let cps: Vec<&str> = cps.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -212,6 +253,8 @@ fn libvirtd_restart_mid_backup_fails_cleanly_and_next_run_recovers() -> Result<(
     ensure!(read <= 6 << 20, "incremental read {read} bytes for 1 MiB");
     let last_snap = last["snapshot"].as_str().context("snapshot")?.to_owned();
     ensure!(repo.snapshots()?.len() == 3, "{:?}", repo.snapshots()?);
+
+    eprintln!("backups done after {:.1} s", t0.elapsed().as_secs_f64());
 
     // 4. Restores.
     repo.check_restore(&full_snap, &[("/a.bin", &a)])?;
