@@ -7,7 +7,10 @@
 //! - [`TestVm`]: one isolated domain with [`DiskSpec`] disks; `exec`, `write_file`, freeze
 //!   status, shutdown; destroyed and undefined on drop. At most 2 guests run at once
 //!   (`LIFEBOAT_TEST_MAX_GUESTS`).
-//! - [`SecondHost`]: a second libvirtd in its own mount namespace (its own domains and state).
+//! - [`TestVm::attach_disk`]: hot-plug (or `--config`) another disk, mounted in the guest.
+//! - [`SecondHost`]: a second libvirtd in its own mount namespace (its own domains and state);
+//!   [`SecondHost::restart`] restarts it with its guests running (libvirtd-restart tests, without
+//!   touching the system daemon). Its guests boot their own copy of the kernel and initramfs.
 //! - [`check_ext4`] / [`read_file_from_ext4`]: host-side checks of disk images.
 //!
 //! Tests need root and fail (never skip) with a message naming `scripts/install-deps.sh` when a

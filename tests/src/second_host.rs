@@ -78,47 +78,64 @@ impl SecondHost {
             Duration::from_secs(30),
         );
 
-        let mut script = String::from("set -e\n");
-        for (sub, target) in PRIVATE {
-            script.push_str(&format!(
-                "mkdir -p {target}\nmount --bind '{}' {target}\n",
-                dir.join(sub).display()
-            ));
-        }
-        script.push_str(&format!(
-            "exec libvirtd -f '{}' -p '{}'\n",
-            dir.join("etc/libvirtd.conf").display(),
-            dir.join("libvirtd.pid").display()
-        ));
-        let log = std::fs::File::create(dir.join("libvirtd.stderr"))?;
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning unshare … libvirtd (util-linux; run scripts/install-deps.sh)")?;
         let uri = format!(
             "qemu:///system?socket={}",
             dir.join("sock/libvirt-sock").display()
         );
+        let child = spawn_daemon(&dir)?;
         let mut host = SecondHost { uri, dir, child };
+        host.wait_ready()?;
+        Ok(host)
+    }
+
+    /// Restarts the daemon as `systemctl restart libvirtd` would: SIGTERM (running domains
+    /// keep running), wait until it has exited (up to 30 s), start it again on the same
+    /// configuration and state, and wait until it answers. The running domains are reconnected
+    /// by the new daemon.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_daemon(Duration::from_secs(30))?;
+        self.child = spawn_daemon(&self.dir)?;
+        self.wait_ready()
+    }
+
+    /// SIGTERM to the daemon; SIGKILL if it has not exited within `grace`.
+    fn stop_daemon(&mut self, grace: Duration) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let pid = self.child.id().to_string();
+        run_output(
+            Command::new("kill").args(["-TERM", &pid]),
+            Duration::from_secs(5),
+        )?;
+        let stopped = wait_until(grace, Duration::from_millis(100), || {
+            Ok(self.child.try_wait()?.map(|_| ()))
+        });
+        if stopped.is_err() {
+            self.child.kill()?;
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Waits (up to 60 s) until `virsh -c URI version` answers; on failure the error holds
+    /// the daemon's stderr and the tail of its log.
+    fn wait_ready(&mut self) -> Result<()> {
         let ready = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
-            if let Some(st) = host.child.try_wait()? {
+            if let Some(st) = self.child.try_wait()? {
                 bail!("second libvirtd exited ({st})");
             }
             let out = run_output(
-                Command::new("virsh").args(["-c", &host.uri, "version"]),
+                Command::new("virsh").args(["-c", &self.uri, "version"]),
                 Duration::from_secs(10),
             )?;
             Ok(out.status.success().then_some(()))
         });
         if let Err(e) = ready {
             let stderr =
-                std::fs::read_to_string(host.dir.join("libvirtd.stderr")).unwrap_or_default();
+                std::fs::read_to_string(self.dir.join("libvirtd.stderr")).unwrap_or_default();
             let log =
-                std::fs::read_to_string(host.dir.join("log/libvirtd.log")).unwrap_or_default();
+                std::fs::read_to_string(self.dir.join("log/libvirtd.log")).unwrap_or_default();
             bail!(
                 "second libvirtd did not start: {e:#}\nstderr:\n{stderr}\nlog (tail):\n{}",
                 log.lines()
@@ -131,13 +148,42 @@ impl SecondHost {
                     .join("\n")
             );
         }
-        Ok(host)
+        Ok(())
     }
 
     /// `virsh -c <this host> ARGS…` (60 s timeout).
     pub fn virsh(&self, args: &[&str]) -> Result<String> {
         virsh_timeout(&self.uri, args, Duration::from_secs(60))
     }
+}
+
+/// Starts `libvirtd` in a new mount namespace with `dir`'s private bind mounts; its stderr is
+/// appended to `dir/libvirtd.stderr`.
+fn spawn_daemon(dir: &Path) -> Result<Child> {
+    let mut script = String::from("set -e\n");
+    for (sub, target) in PRIVATE {
+        script.push_str(&format!(
+            "mkdir -p {target}\nmount --bind '{}' {target}\n",
+            dir.join(sub).display()
+        ));
+    }
+    script.push_str(&format!(
+        "exec libvirtd -f '{}' -p '{}'\n",
+        dir.join("etc/libvirtd.conf").display(),
+        dir.join("libvirtd.pid").display()
+    ));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("libvirtd.stderr"))?;
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning unshare … libvirtd (util-linux; run scripts/install-deps.sh)")
 }
 
 /// Private copy of the libvirt configuration: the host's `*.conf` files (no domain or network
@@ -185,15 +231,7 @@ impl Drop for SecondHost {
                 crate::vm::remove_domain(&self.uri, name);
             }
         }
-        let pid = self.child.id().to_string();
-        let _ = run_output(
-            Command::new("kill").args(["-TERM", &pid]),
-            Duration::from_secs(5),
-        );
-        let stopped = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
-            Ok(self.child.try_wait()?.map(|_| ()))
-        });
-        if stopped.is_err() {
+        if self.stop_daemon(Duration::from_secs(15)).is_err() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

@@ -230,6 +230,24 @@ impl TestVm {
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         set_mode(&dir, 0o755)?;
+        // Another libvirtd (a SecondHost) gets its own copy of the kernel and initramfs: two
+        // daemons labelling (chown) one file fight, and the system daemon then refuses to start
+        // guests ("Setting different DAC user or group on …vmlinuz which is already in use").
+        let guest = if uri == SYSTEM_URI {
+            guest
+        } else {
+            let copy = |from: &Path, name: &str| -> Result<PathBuf> {
+                let to = dir.join(name);
+                std::fs::copy(from, &to)
+                    .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+                set_mode(&to, 0o644)?;
+                Ok(to)
+            };
+            GuestFiles {
+                kernel: copy(&guest.kernel, "vmlinuz")?,
+                initrd: copy(&guest.initrd, "initrd.img")?,
+            }
+        };
         let vm = TestVm {
             agent: Agent::new(VirshTransport {
                 uri: uri.to_owned(),
@@ -368,6 +386,53 @@ impl TestVm {
             initrd = esc(&self.guest.initrd),
             console = esc(&self.console_path()),
         ))
+    }
+
+    /// Creates disk `d` and attaches it to the domain, persistently (`virsh attach-disk
+    /// --persistent` when the domain runs, `--config` when shut off), with the target as its
+    /// serial. A running guest mounts an ext4 disk at `/mnt/<target>` (the guest's init only
+    /// mounts the disks present at boot, so the mount is done here through the agent).
+    pub fn attach_disk(&mut self, d: DiskSpec) -> Result<()> {
+        if self.disks.iter().any(|x| x.target == d.target) {
+            bail!("{}: disk {} exists", self.name, d.target);
+        }
+        self.disks.push(d.clone());
+        self.create_disk(&d)?;
+        let path = self.disk_path(&d.target);
+        let live = self.is_running()?;
+        virsh(
+            &self.uri,
+            &[
+                "attach-disk",
+                &self.name,
+                &path.to_string_lossy(),
+                &d.target,
+                "--driver",
+                "qemu",
+                "--subdriver",
+                &d.format,
+                "--targetbus",
+                "virtio",
+                "--serial",
+                &d.target,
+                "--cache",
+                "none",
+                if live { "--persistent" } else { "--config" },
+            ],
+        )?;
+        let target = d.target;
+        if live && d.ext4 {
+            // The guest kernel names the hot-plugged disk as it likes: find it by serial.
+            let script = format!(
+                "for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = {target} ] && \
+                 mkdir -p /mnt/{target} && mount -t ext4 /dev/${{b##*/}} /mnt/{target} && exit 0; done; exit 1"
+            );
+            wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+                Ok((self.exec(&script)?.exit == 0).then_some(()))
+            })
+            .with_context(|| format!("{}: hot-plugged {target} not mounted", self.name))?;
+        }
+        Ok(())
     }
 
     /// Path of the image of disk `target` (`<dir>/<target>.<format>`).

@@ -3,7 +3,9 @@
 //! incremental, failure paths (repository unwritable, SIGTERM, kill -9 while frozen, VM destroyed
 //! mid-run) leave the guest thawed and nothing committed, the shut-off path (incremental through
 //! the persistent bitmap; bitmap removed → full with a reason), and every snapshot restores to a
-//! clean filesystem with the right files. One guest with two disks (qcow2 + raw) serves all steps.
+//! clean filesystem with the right files, and a disk added since the last backup is read in full
+//! (that disk only). One guest with two disks (qcow2 + raw, a third qcow2 hot-plugged at the end)
+//! serves all steps.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -186,7 +188,7 @@ fn finish(c: Child) -> Result<Output> {
 
 #[test]
 fn live_backup_incremental_failures_and_shut_off() -> Result<()> {
-    let vm = TestVm::create(
+    let mut vm = TestVm::create(
         "bvm",
         &[
             DiskSpec::ext4("vda", "qcow2", 64),
@@ -384,6 +386,62 @@ fn live_backup_incremental_failures_and_shut_off() -> Result<()> {
     ensure!(disk(&live, "vda")?["mode"] == "incremental", "{live}");
     if !live["warnings"].as_array().is_none_or(|w| w.is_empty()) {
         bail!("warnings: {live}");
+    }
+
+    // 11. A disk added since the last backup: that disk full (with the reason), the others
+    //     incremental; the next run is incremental on the new disk too; both restore.
+    vm.attach_disk(DiskSpec::ext4("vdc", "qcow2", 32))?;
+    vm.write_file("/mnt/vdc/new.txt", b"on the disk added later\n")?;
+    vm.exec_ok("dd if=/dev/urandom of=/mnt/vda/e bs=1M count=1 2>/dev/null && sync")?;
+    files.push((
+        "vdc".into(),
+        "/new.txt".into(),
+        guest_md5(&vm, "/mnt/vdc/new.txt")?,
+    ));
+    files.push(("vda".into(), "/e".into(), guest_md5(&vm, "/mnt/vda/e")?));
+    let added = repo.backup(&vm, &[])?;
+    eprintln!("disk added: {added:#}");
+    let a = disk(&added, "vda")?;
+    ensure!(
+        a["mode"] == "incremental",
+        "old disk not incremental: {added}"
+    );
+    let read = a["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    ensure!((MIB..=4 * MIB).contains(&read), "vda read {read} for 1 MiB");
+    let c = disk(&added, "vdc")?;
+    ensure!(c["mode"] == "full", "new disk not full: {added}");
+    ensure!(
+        c["full_reason"].as_str().is_some_and(|r| r.contains("new")),
+        "new disk's reason: {added}"
+    );
+    ensure!(disk(&added, "vdb")?["mode"] == "full", "{added}");
+    ensure!(vm.fsfreeze_status()? == "thawed");
+    no_leftovers(&vm)?;
+    snaps.push((
+        added["snapshot"].as_str().unwrap_or_default().into(),
+        files.clone(),
+    ));
+    vm.exec_ok("dd if=/dev/urandom of=/mnt/vdc/f bs=1M count=1 2>/dev/null && sync")?;
+    files.push(("vdc".into(), "/f".into(), guest_md5(&vm, "/mnt/vdc/f")?));
+    let next = repo.backup(&vm, &[])?;
+    eprintln!("after the added disk's first backup: {next:#}");
+    for d in ["vda", "vdc"] {
+        ensure!(disk(&next, d)?["mode"] == "incremental", "{d}: {next}");
+    }
+    let read = disk(&next, "vdc")?["bytes_read"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    ensure!((MIB..=4 * MIB).contains(&read), "vdc read {read} for 1 MiB");
+    snaps.push((
+        next["snapshot"].as_str().unwrap_or_default().into(),
+        files.clone(),
+    ));
+    for (s, fs) in &snaps[snaps.len() - 2..] {
+        let f: Vec<(&str, &str, &str)> = fs
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        check_restore(&repo, s, &f)?;
     }
     Ok(())
 }

@@ -403,6 +403,48 @@ fn protect_expired_point_is_reconciled() -> Result<()> {
     Ok(())
 }
 
+/// `qemu-img check -U` of every image file of vdb (base, and the rollback overlays that exist):
+/// no corruption, no check error. Leaked clusters are allowed (an image in use by QEMU may
+/// have metadata updates not yet written back).
+fn assert_images_intact(vm: &TestVm) -> Result<()> {
+    let base = vm.disk_path("vdb");
+    let mut images = vec![base.clone()];
+    images.extend(overlays_in(base.parent().context("dir")?)?);
+    for img in images
+        .iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".mem"))
+    {
+        let o = Command::new("qemu-img")
+            .args(["check", "-U", "--output=json"])
+            .arg(img)
+            .output()?;
+        let v: Value = serde_json::from_slice(&o.stdout).with_context(|| {
+            format!(
+                "qemu-img check {}: {} {}",
+                img.display(),
+                o.status,
+                stderr(&o)
+            )
+        })?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        ensure!(
+            n("corruptions") == 0 && n("check-errors") == 0,
+            "{} is damaged: {v}",
+            img.display()
+        );
+    }
+    ensure!(base.exists(), "base image gone");
+    Ok(())
+}
+
+/// Images intact, and the guest reads `want` from f.txt.
+fn assert_data(vm: &TestVm, want: &str) -> Result<()> {
+    assert_images_intact(vm)?;
+    let got = vm.exec_ok("cat /mnt/vdb/f.txt")?;
+    ensure!(got.trim() == want, "f.txt holds {got:?}, not {want:?}");
+    Ok(())
+}
+
 #[test]
 fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
     let env = Env::new()?;
@@ -419,10 +461,12 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
     };
     let a4h = args("4h");
     let a4h: Vec<&str> = a4h.iter().map(String::as_str).collect();
+    let backups =
+        || -> Result<usize> { Ok(env.json(&["snapshots"])?.as_array().map_or(0, Vec::len)) };
 
     // protect: killed inside the frozen window right after the snapshot, before the backup.
     env.crash(&a4h, "protect-after-snapshot")?;
-    ensure!(base.exists(), "base image gone");
+    assert_images_intact(&vm)?;
     // The thaw guard thaws the guest once the killed process's pipe closes.
     lifeboat_e2e::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
         Ok(vm
@@ -430,6 +474,7 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
             .is_ok_and(|s| s == "thawed")
             .then_some(()))
     })?;
+    ensure!(backups()? == 0, "the killed protect committed a backup");
     let o = env.run(&["commit", &vm.name], None)?;
     let msg = stderr(&o);
     ensure!(
@@ -437,44 +482,105 @@ fn protect_kill9_at_every_step_is_repaired() -> Result<()> {
         "commit after killed protect: {msg}"
     );
     assert_consolidated(&env, &vm)?;
-    ensure!(vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v1", "data");
+    assert_data(&vm, "v1")?;
 
-    // rollback: killed after stopping the VM.
-    protect(&env, &vm, "4h")?;
+    // protect: killed after its backup committed, before the point was marked complete. The
+    // next protect consolidates the half-made point, says so, and takes a new one.
+    env.crash(&a4h, "protect-before-complete")?;
+    ensure!(backups()? == 1, "the backup before the kill is not listed");
+    assert_images_intact(&vm)?;
+    let j = env.json(&a4h)?;
+    ensure!(
+        j.to_string().contains("interrupted"),
+        "protect after a killed protect does not report the repair: {j}"
+    );
+    ensure!(backups()? == 2, "protect after the repair did not back up");
+    ensure!(
+        source(&vm)?.to_string_lossy().contains(".lifeboat-rb-"),
+        "no rollback point after the repair"
+    );
+    assert_data(&vm, "v1")?;
+
+    // rollback: killed after stopping the VM. The base still holds the point's data (clean:
+    // it was frozen when the point was taken); the next rollback finishes.
     vm.exec_ok("echo v2 > /mnt/vdb/f.txt && sync")?;
     env.crash(&["rollback", &vm.name], "rollback-after-destroy")?;
-    ensure!(base.exists(), "base image gone");
+    ensure!(
+        !vm.is_running()?,
+        "VM still running after rollback-after-destroy"
+    );
+    assert_images_intact(&vm)?;
+    check_ext4(&base)?;
+    ensure!(
+        read_file_from_ext4(&base, "/f.txt")? == b"v1\n",
+        "base data"
+    );
     let r = env.json(&["rollback", &vm.name])?;
     ensure!(r.to_string().contains("interrupted"), "{r}");
     vm.wait_agent(Duration::from_secs(120))?;
-    ensure!(
-        vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v1",
-        "not rolled back"
-    );
+    assert_data(&vm, "v1")?;
     assert_consolidated(&env, &vm)?;
 
-    // commit: killed after the pivot.
+    // rollback: killed after the definition points back to the base, before the overlay and
+    // the snapshot metadata are gone; the next rollback finishes.
+    protect(&env, &vm, "4h")?;
+    vm.exec_ok("echo v2b > /mnt/vdb/f.txt && sync")?;
+    env.crash(&["rollback", &vm.name], "rollback-after-redefine")?;
+    assert_images_intact(&vm)?;
+    ensure!(
+        read_file_from_ext4(&base, "/f.txt")? == b"v1\n",
+        "base data"
+    );
+    let r = env.json(&["rollback", &vm.name])?;
+    ensure!(r.to_string().contains("interrupted"), "{r}");
+    vm.wait_agent(Duration::from_secs(120))?;
+    assert_data(&vm, "v1")?;
+    assert_consolidated(&env, &vm)?;
+
+    // commit: killed after the pivot; reconcile finishes it.
     protect(&env, &vm, "4h")?;
     vm.exec_ok("echo v3 > /mnt/vdb/f.txt && sync")?;
     env.crash(&["commit", &vm.name], "commit-after-first-pivot")?;
+    assert_images_intact(&vm)?;
+    ensure!(source(&vm)? == base, "not pivoted to the base");
     let r = env.json(&["reconcile"])?;
     ensure!(r["points"][0]["action"] == "repaired", "{r}");
     assert_consolidated(&env, &vm)?;
-    ensure!(
-        vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v3",
-        "commit lost data"
-    );
+    assert_data(&vm, "v3")?;
 
-    // reconcile: killed before deleting the overlay.
-    protect(&env, &vm, "1s")?;
-    std::thread::sleep(Duration::from_secs(2));
-    env.crash(&["reconcile"], "commit-before-cleanup")?;
-    let r = env.json(&["reconcile"])?;
-    ensure!(r["points"][0]["action"] == "repaired", "{r}");
+    // commit: killed before the clean-up; the next commit finishes it.
+    protect(&env, &vm, "4h")?;
+    vm.exec_ok("echo v4 > /mnt/vdb/f.txt && sync")?;
+    env.crash(&["commit", &vm.name], "commit-before-cleanup")?;
+    assert_images_intact(&vm)?;
+    let c = env.json(&["commit", &vm.name])?;
+    ensure!(
+        c["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("interrupted")),
+        "{c}"
+    );
     assert_consolidated(&env, &vm)?;
-    ensure!(vm.exec_ok("cat /mnt/vdb/f.txt")?.trim() == "v3", "data");
+    assert_data(&vm, "v4")?;
+
+    // reconcile: killed after the first pivot, and (next point) before deleting the overlay;
+    // the next reconcile repairs each.
+    for point in ["commit-after-first-pivot", "commit-before-cleanup"] {
+        protect(&env, &vm, "1s")?;
+        std::thread::sleep(Duration::from_secs(2));
+        env.crash(&["reconcile"], point)?;
+        assert_images_intact(&vm)?;
+        let r = env.json(&["reconcile"])?;
+        ensure!(r["points"][0]["action"] == "repaired", "{point}: {r}");
+        assert_consolidated(&env, &vm)?;
+        assert_data(&vm, "v4")?;
+    }
     vm.destroy()?;
     check_ext4(&base)?;
+    ensure!(
+        read_file_from_ext4(&base, "/f.txt")? == b"v4\n",
+        "final data"
+    );
     Ok(())
 }
 

@@ -132,7 +132,11 @@ fn classify(err: &virt::error::Error) -> ErrorKind {
         ErrorNumber::NoConnect | ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled => {
             ErrorKind::Connect
         }
-        ErrorNumber::Rpc | ErrorNumber::SystemError if err.domain() == ErrorDomain::Rpc => {
+        // The RPC layer: "Cannot recv data" / "Cannot write data" (system error), and "client
+        // socket is closed" (internal error) once libvirtd went away, e.g. restarted.
+        ErrorNumber::Rpc | ErrorNumber::SystemError | ErrorNumber::InternalError
+            if err.domain() == ErrorDomain::Rpc =>
+        {
             ErrorKind::Connect
         }
         ErrorNumber::NoDomain => ErrorKind::NoSuchDomain,

@@ -1,8 +1,9 @@
 //! [`VmHost`] over libvirt: the guest agent through `virDomainQemuAgentCommand` (typed commands
 //! and timeouts from `guest-quiesce`), the job through [`Dom`], the thaw guard as a process.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_quiesce::{Agent, FreezeStatus, Transport};
 
@@ -30,6 +31,10 @@ impl Transport for LibvirtTransport<'_> {
 /// Slow (TCG) guests: scale the default QGA timeouts.
 const AGENT_TIMEOUT_SCALE: f64 = 2.0;
 
+/// How long the clean-up after a lost connection waits for libvirtd to come back (a restart
+/// takes a few seconds).
+const RECONNECT_WAIT: Duration = Duration::from_secs(20);
+
 /// The real host.
 pub struct LibvirtHost {
     dom: Mutex<Dom>,
@@ -37,6 +42,7 @@ pub struct LibvirtHost {
     name: String,
     freeze_limit: Duration,
     guard: Mutex<Option<ThawGuard>>,
+    gave_up: AtomicBool,
 }
 
 impl LibvirtHost {
@@ -48,6 +54,7 @@ impl LibvirtHost {
             uri: uri.to_string(),
             freeze_limit,
             guard: Mutex::new(None),
+            gave_up: AtomicBool::new(false),
         }
     }
 
@@ -57,6 +64,54 @@ impl LibvirtHost {
             .lock()
             .map_err(|_| Error::new(ErrorKind::Other, "libvirt handle lock poisoned"))?;
         f(&d)
+    }
+
+    /// Runs `f` on the domain; when it fails because the connection to libvirtd is gone (e.g.
+    /// libvirtd restarted), connects again once and retries. For idempotent clean-up calls only.
+    fn with_dom_reconnecting<T>(&self, f: impl Fn(&Dom) -> Result<T>) -> Result<T> {
+        let mut d = self
+            .dom
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Other, "libvirt handle lock poisoned"))?;
+        match f(&d) {
+            Err(e) if connection_lost(&e) => {
+                tracing::warn!("lost the connection to libvirtd ({e}); connecting again");
+                *d = self.reconnect()?;
+                f(&d)
+            }
+            r => r,
+        }
+    }
+
+    /// A fresh handle on a new connection. libvirtd may be restarting: waits up to
+    /// [`RECONNECT_WAIT`] for it, once per run (after one failure, later calls try only once).
+    fn reconnect(&self) -> Result<Dom> {
+        let wait = if self.gave_up.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            RECONNECT_WAIT
+        };
+        let start = Instant::now();
+        loop {
+            match libvirt::Hypervisor::connect(&self.uri).and_then(|hv| hv.domain(&self.name)) {
+                Ok(d) => return Ok(d),
+                Err(e) if e.kind() == libvirt::ErrorKind::Connect && start.elapsed() < wait => {
+                    tracing::debug!("libvirtd not back yet: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    self.gave_up.store(true, Ordering::Relaxed);
+                    return Err(Error::with_source(
+                        ErrorKind::Source,
+                        format!(
+                            "lost the connection to libvirtd and cannot connect again at {}",
+                            self.uri
+                        ),
+                        e,
+                    ));
+                }
+            }
+        }
     }
 
     fn agent_call<T>(
@@ -133,10 +188,39 @@ impl VmHost for LibvirtHost {
         })
     }
 
+    fn job_alive(&self) -> Result<()> {
+        self.with_dom(|d| match d.active_job() {
+            Ok(Some(libvirt::JobKind::Backup)) => Ok(()),
+            Ok(_) => Err(Error::new(
+                ErrorKind::Source,
+                format!(
+                    "the backup job of domain {} ended before the transfer was done (domain \
+                     stopped or job aborted); nothing was committed",
+                    self.name
+                ),
+            )),
+            Err(e) if e.kind() == libvirt::ErrorKind::Connect => Err(Error::with_source(
+                ErrorKind::Source,
+                format!(
+                    "lost the connection to libvirtd during the backup of domain {} (libvirtd \
+                     restarted or stopped?): the job's state cannot be confirmed, nothing was \
+                     committed",
+                    self.name
+                ),
+                e,
+            )),
+            Err(e) => Err(Error::with_source(
+                ErrorKind::Source,
+                "cannot confirm that the backup job is still active; nothing was committed",
+                e,
+            )),
+        })
+    }
+
     fn end_job(&self) -> Result<()> {
-        self.with_dom(|d| match d.abort_job() {
+        self.with_dom_reconnecting(|d| match d.abort_job() {
             Ok(()) => Ok(()),
-            // Already gone (domain stopped, libvirtd restarted): nothing to end.
+            // Already gone (domain stopped): nothing to end.
             Err(e)
                 if matches!(
                     e.kind(),
@@ -162,6 +246,20 @@ impl VmHost for LibvirtHost {
     }
 
     fn delete_checkpoint(&self, name: &str) -> Result<()> {
-        self.with_dom(|d| super::checkpoints::delete(d, name))
+        self.with_dom_reconnecting(|d| super::checkpoints::delete(d, name))
     }
+}
+
+/// Does `e` (from this crate's error chain) come from a lost libvirt connection?
+fn connection_lost(e: &Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if x.downcast_ref::<libvirt::LibvirtError>()
+            .is_some_and(|l| l.kind() == libvirt::ErrorKind::Connect)
+        {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
 }

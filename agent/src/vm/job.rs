@@ -1,8 +1,8 @@
 //! The live backup job, in one place:
 //!
 //! prepare (caller) → pre-freeze hook → arm thaw guard → freeze → begin job (+ new checkpoint)
-//! → thaw → release guard → post-thaw hook → transfer → commit → end job → prune old
-//! checkpoints → cleanup.
+//! → thaw → release guard → post-thaw hook → transfer → job still alive? → commit → end job →
+//! prune old checkpoints → cleanup.
 //!
 //! The hypervisor is reached through [`VmHost`] (implemented over libvirt in
 //! [`super::host::LibvirtHost`], and by a fault-injecting fake in the tests below); the data path
@@ -55,6 +55,10 @@ pub trait VmHost: Send + Sync + 'static {
     fn freeze_status(&self) -> Result<String>;
     /// Start the pull-mode backup job (creating `spec.new_checkpoint` atomically).
     fn begin_backup(&self, spec: &BackupSpec) -> Result<()>;
+    /// Check, after the transfer and before the commit, that the job this run began is still
+    /// active and libvirt still answers: an error when the connection to libvirtd was lost (e.g.
+    /// libvirtd restarted) or the job ended. Nothing is committed after such an error.
+    fn job_alive(&self) -> Result<()>;
     /// End (abort) the backup job: NBD server stopped, scratch files removed.
     fn end_job(&self) -> Result<()>;
     /// The full XML of a checkpoint.
@@ -365,6 +369,7 @@ async fn steps<H: VmHost, T: Transfer>(
         tokio::time::sleep(d).await;
     }
     transfer.transfer().await?;
+    call(&host, |h| h.job_alive()).await?;
     if let Ok(l) = g.log.lock() {
         facts.warnings.extend(l.iter().cloned());
     }
@@ -470,6 +475,9 @@ mod tests {
         fn begin_backup(&self, _: &BackupSpec) -> Result<()> {
             self.step("begin")
         }
+        fn job_alive(&self) -> Result<()> {
+            self.step("alive")
+        }
         fn end_job(&self) -> Result<()> {
             self.step("end")
         }
@@ -569,6 +577,7 @@ mod tests {
                 "release",
                 "post",
                 "cpxml",
+                "alive",
                 "end",
                 "delete lifeboat-old"
             ]
@@ -599,7 +608,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn failure_at_every_step_cleans_up() {
         let host_steps = [
-            "ping", "pre", "arm", "freeze", "begin", "status", "thaw", "post", "cpxml",
+            "ping", "pre", "arm", "freeze", "begin", "status", "thaw", "post", "cpxml", "alive",
         ];
         let mut cases: Vec<(Option<&'static str>, Option<&'static str>)> =
             host_steps.iter().map(|s| (Some(*s), None)).collect();

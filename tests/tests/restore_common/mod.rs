@@ -91,6 +91,19 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// Domain XML for the test guest (like `TestVm`'s), with the given disks (target, path, format).
 pub fn guest_domain_xml(name: &str, dir: &Path, disks: &[(&str, &Path, &str)]) -> Result<String> {
     let g = test_guest()?;
+    // The test's own copy of kernel and initramfs: restore_host boots this domain on a second
+    // libvirtd, and two daemons labelling (chown) the shared cached files make the system daemon
+    // refuse other tests' guests ("Setting different DAC user or group … already in use").
+    let copy = |from: &Path, name: &str| -> Result<PathBuf> {
+        let to = dir.join(name);
+        if !to.exists() {
+            std::fs::copy(from, &to)?;
+            set_mode(&to, 0o644)?;
+        }
+        Ok(to)
+    };
+    let kernel = copy(&g.kernel, "vmlinuz")?;
+    let initrd = copy(&g.initrd, "initrd.img")?;
     let mut d = String::new();
     for (t, p, f) in disks {
         d.push_str(&format!(
@@ -136,8 +149,8 @@ pub fn guest_domain_xml(name: &str, dir: &Path, disks: &[(&str, &Path, &str)]) -
 </domain>
 ",
         std::process::id(),
-        g.kernel.display(),
-        g.initrd.display(),
+        kernel.display(),
+        initrd.display(),
         dir.display()
     ))
 }
