@@ -5,10 +5,7 @@
 //! outside those mounts, in `/var/lib/lifeboat-tests/host2-<pid>-<n>/sock/`, and [`SecondHost::uri`]
 //! points there. `/var/lib/lifeboat-tests` and `/var/cache/lifeboat-tests` are shared, so test
 //! disks and the test guest work on both hosts. It does not use virtlogd (`stdio_handler =
-//! "file"`). Its QEMU runs as root with `dynamic_ownership = 0`: it never chowns files. Both
-//! daemons boot the same cached kernel/initrd, and a second daemon that chowns them would break
-//! the first one's remembered labels (libvirt refuses "Setting different DAC user or group on …
-//! which is already in use" when the file's owner changed under a running domain).
+//! "file"`) and does not remember file owners (both daemons touch the shared kernel/initrd).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -217,9 +214,7 @@ fn prepare_config(etc: &Path) -> Result<()> {
     ));
     std::fs::write(etc.join("libvirtd.conf"), libvirtd)?;
     let mut qemu = std::fs::read_to_string(etc.join("qemu.conf")).unwrap_or_default();
-    qemu.push_str(
-        "\n# lifeboat-e2e second host\nstdio_handler = \"file\"\nuser = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\n",
-    );
+    qemu.push_str("\n# lifeboat-e2e second host\nstdio_handler = \"file\"\nremember_owner = 0\n");
     std::fs::write(etc.join("qemu.conf"), qemu)?;
     Ok(())
 }
