@@ -5,7 +5,8 @@
 //! outside those mounts, in `/var/lib/lifeboat-tests/host2-<pid>-<n>/sock/`, and [`SecondHost::uri`]
 //! points there. `/var/lib/lifeboat-tests` and `/var/cache/lifeboat-tests` are shared, so test
 //! disks and the test guest work on both hosts. It does not use virtlogd (`stdio_handler =
-//! "file"`) and does not remember file owners (both daemons touch the shared kernel/initrd).
+//! "file"`) and does not remember file owners; its guests boot their own copy of the kernel and
+//! initramfs, because two daemons relabelling one shared file break each other's DAC labels.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
