@@ -58,6 +58,7 @@ pub fn unavailable() -> Option<String> {
 
 /// A running domain booting the test guest, its `vda` a copy of `image`.
 fn boot(prefix: &str, image: &Path, size: u64) -> Result<(TestVm, f64)> {
+    proc::check_interrupted()?;
     let vm = TestVm::create_with(
         prefix,
         &VmOptions {
@@ -359,6 +360,7 @@ fn instant_restore(
         Ok(())
     };
     let running = loop {
+        proc::check_interrupted()?;
         early_exit(&mut child)?;
         let st = virsh_timeout(SYSTEM_URI, &["domstate", &name], Duration::from_secs(10));
         if matches!(st, Ok(ref x) if x.trim() == "running") {
@@ -378,7 +380,7 @@ fn instant_restore(
             domain,
         })
         .with_timeout_scale(3.0);
-        while t0.elapsed() < BOOT_TIMEOUT {
+        while t0.elapsed() < BOOT_TIMEOUT && proc::check_interrupted().is_ok() {
             if agent
                 .call_timeout(&GuestPing, Duration::from_secs(2))
                 .is_ok()

@@ -150,6 +150,15 @@ fn rm(p: &Path) {
     let _ = std::fs::remove_file(p);
 }
 
+/// Removes a file or directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        rm(&self.0);
+    }
+}
+
 fn sync_file(p: &Path) -> Result<()> {
     std::fs::File::open(p)
         .and_then(|f| f.sync_all())
@@ -202,6 +211,7 @@ fn u64_at(v: &serde_json::Value, ptr: &str) -> u64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    proc::install_interrupt_handler()?;
     let root = workspace_root();
     let size = match &args.size {
         Some(s) => parse_size(s)?,
@@ -231,6 +241,8 @@ fn main() -> Result<()> {
     rm(&run_dir);
     std::fs::create_dir_all(&cache)?;
     std::fs::create_dir_all(&run_dir)?;
+    // Repositories, disk copies and restores go away also when the run fails.
+    let _run_dir_guard = RemoveOnDrop(run_dir.clone());
     let scratch = run_dir.join("scratch");
     std::fs::create_dir_all(&scratch)?;
 
@@ -388,7 +400,6 @@ fn main() -> Result<()> {
         report::write_out(out, &md)?;
         eprintln!("wrote {}", out.display());
     }
-    rm(&run_dir);
     Ok(())
 }
 

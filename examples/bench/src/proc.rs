@@ -4,6 +4,8 @@ use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -28,6 +30,42 @@ impl Run {
     pub fn json(&self) -> Result<serde_json::Value> {
         serde_json::from_slice(&self.stdout).context("command output is not JSON")
     }
+}
+
+/// Process groups of the commands running now ([`Timed`]), signalled on an interrupt.
+static GROUPS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Set once SIGINT/SIGTERM/SIGHUP arrived: no new command starts.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// On SIGINT, SIGTERM or SIGHUP: send SIGTERM to every running command's process group (they
+/// run in their own groups, so a terminal's Ctrl-C does not reach them) and refuse to start new
+/// ones. The failing commands then unwind the harness through its drop guards, which remove
+/// domains, jobs and files; `lifeboat` itself ends a backup job and thaws on SIGTERM.
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        eprintln!("lifeboat-bench: interrupted; stopping the running commands and cleaning up");
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let groups = GROUPS.lock().map(|g| g.clone()).unwrap_or_default();
+        for pid in groups {
+            signal_group(pid, "-TERM");
+        }
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")
+}
+
+/// Fails once the harness was interrupted.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn signal_group(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Longest any single measured command may take before [`run`] kills it.
@@ -119,6 +157,7 @@ impl Timed {
         let Some((prog, args)) = argv.split_first() else {
             bail!("empty command");
         };
+        check_interrupted()?;
         let use_time = Path::new("/usr/bin/time").exists();
         let mut cmd = if use_time {
             let _ = std::fs::remove_file(time_out);
@@ -142,6 +181,9 @@ impl Timed {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot run {}", argv.join(" ")))?;
+        if let Ok(mut g) = GROUPS.lock() {
+            g.push(child.id());
+        }
         Ok(Timed {
             child,
             start,
@@ -153,8 +195,18 @@ impl Timed {
     /// Exit status if the command has finished.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         let st = self.child.try_wait().context("waiting for a command")?;
-        self.done |= st.is_some();
+        if st.is_some() {
+            self.reaped();
+        }
         Ok(st)
+    }
+
+    fn reaped(&mut self) {
+        self.done = true;
+        let id = self.child.id();
+        if let Ok(mut g) = GROUPS.lock() {
+            g.retain(|&p| p != id);
+        }
     }
 
     /// Waits for the command; kills its process group and fails after `timeout`.
@@ -177,13 +229,10 @@ impl Timed {
         if self.done {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .stderr(Stdio::null())
-            .status();
+        signal_group(self.child.id(), "-KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.done = true;
+        self.reaped();
     }
 
     /// Peak RSS (KiB) and CPU seconds from `/usr/bin/time`, once finished.
