@@ -103,6 +103,15 @@ fn size_h(b: u64) -> String {
     }
 }
 
+/// "Lifeboat 2.0× faster" for a peer/Lifeboat time ratio `r` (or "… slower" below 1).
+fn speedup(r: f64) -> String {
+    if r >= 1.0 || r <= 0.0 || !r.is_finite() {
+        format!("Lifeboat {r:.1}× faster")
+    } else {
+        format!("Lifeboat {:.1}× slower", 1.0 / r)
+    }
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok {
         "met"
@@ -505,9 +514,10 @@ impl Report {
                     let target = if peer == "restic" { Some(2.0) } else { None };
                     let _ = writeln!(
                         peers,
-                        "| {label}, {kind} | {:.2} | {:.0} | Lifeboat {r:.1}× faster | {} | {} | {} | {} |",
+                        "| {label}, {kind} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
                         p.secs,
                         mb(v, p.secs),
+                        speedup(r),
                         target.map_or(String::new(), |t| format!("≥ {t}×")),
                         target.map_or("", |t| verdict(r >= t)),
                         mib(p.rss_kib),
@@ -653,7 +663,7 @@ impl Report {
                 let (ratio, ok) = match lbk {
                     Some(l) => {
                         let r = p.secs / l.secs;
-                        (format!("Lifeboat {r:.1}× faster"), verdict(r >= 3.0))
+                        (speedup(r), verdict(r >= 3.0))
                     }
                     None => (String::new(), ""),
                 };
@@ -719,4 +729,58 @@ pub fn write_out(path: &Path, md: &str) -> Result<()> {
         _ => format!("# Benchmarks\n\n{BEGIN}\n{md}{END}\n"),
     };
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live_report(freeze: Vec<(&'static str, Option<f64>)>) -> String {
+        let mut r = Report::new(1 << 30, 1, 2, 0);
+        r.allocated = 1 << 29;
+        r.add("live.lb.full", Best::time(4.0, Some(70 * 1024), 0));
+        r.add("live.lb.incr", Best::time(1.0, Some(60 * 1024), 0));
+        r.add("live.vnb.full", Best::time(8.0, Some(140 * 1024), 0));
+        r.add("live.vnb.incr", Best::time(0.5, Some(50 * 1024), 0));
+        r.add_live(LiveFacts {
+            freeze_ms: freeze,
+            quiesce: vec!["application-consistent".into()],
+            ..LiveFacts::default()
+        });
+        let mut s = String::new();
+        r.render_live(&mut s, 0);
+        s
+    }
+
+    fn row<'a>(s: &'a str, start: &str) -> &'a str {
+        s.lines().find(|l| l.starts_with(start)).unwrap_or_default()
+    }
+
+    #[test]
+    fn freeze_window_verdict_takes_the_worst_backup() {
+        let s = live_report(vec![("full", Some(150.0)), ("incremental", Some(999.0))]);
+        let r = row(&s, "| freeze window");
+        assert!(r.contains("| 0.999 |") && r.contains("| met |"), "{r}");
+        let s = live_report(vec![("full", Some(150.0)), ("incremental", Some(1000.0))]);
+        assert!(row(&s, "| freeze window").contains("**missed**"));
+        // A backup that did not freeze cannot meet the target.
+        let s = live_report(vec![("full", Some(150.0)), ("incremental", None)]);
+        let r = row(&s, "| freeze window");
+        assert!(
+            r.contains("incremental: no freeze") && r.contains("**missed**"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn virtnbdbackup_ratios_are_against_the_same_kind_of_lifeboat_run() {
+        let s = live_report(vec![("full", Some(100.0))]);
+        let full = row(&s, "| virtnbdbackup full");
+        assert!(
+            full.contains("Lifeboat 2.0× faster") && full.contains("**missed**"),
+            "{full}"
+        );
+        let incr = row(&s, "| virtnbdbackup incremental");
+        assert!(incr.contains("Lifeboat 2.0× slower"), "{incr}");
+    }
 }
