@@ -699,7 +699,7 @@ impl Report {
         if let Some(b) = self.get("live.ir.moved") {
             let _ = writeln!(
                 s,
-                "| instant-restore: command start → all data moved into local qcow2 (command exits; its peak RSS includes the default block cache, `--cache-chunks 256` = 256 MiB per disk) | {:.2} | {:.0} | {:.0} | | | | {} | |",
+                "| instant-restore: command start → all data moved into local qcow2 (command exits; its peak RSS is mostly its chunk cache, `--cache-chunks`, default 256 chunks per disk) | {:.2} | {:.0} | {:.0} | | | | {} | |",
                 b.secs,
                 mb(v, b.secs),
                 mb(a, b.secs),
