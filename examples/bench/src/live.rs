@@ -252,6 +252,10 @@ pub fn round(
             .freeze_ms
             .push(("incremental", j["freeze_window_ms"].as_f64()));
         facts.dirty = u64_at(&j, "/disks/0/dirty_bytes");
+        facts.incr_read = u64_at(&j, "/disks/0/bytes_read");
+        facts
+            .incr_disk_secs
+            .extend(j.pointer("/disks/0/seconds").and_then(|x| x.as_f64()));
         rep.add("live.lb.incr", Best::of(&r, proc::du_bytes(&repo)));
         snapshot = j["snapshot"]
             .as_str()

@@ -59,6 +59,10 @@ pub struct LiveFacts {
     pub quiesce: Vec<String>,
     /// Dirty bytes of Lifeboat's live incremental (from the bitmap).
     pub dirty: u64,
+    /// Bytes Lifeboat's live incremental read (whole chunks holding a dirty block).
+    pub incr_read: u64,
+    /// Seconds of the live incremental's disk transfer (its report's per-disk `seconds`).
+    pub incr_disk_secs: Vec<f64>,
     /// `running_after_seconds` instant-restore reported.
     pub ir_reported_running: Vec<f64>,
 }
@@ -187,6 +191,8 @@ impl Report {
         l.freeze_ms.extend(f.freeze_ms);
         l.quiesce.extend(f.quiesce);
         l.dirty = l.dirty.max(f.dirty);
+        l.incr_read = l.incr_read.max(f.incr_read);
+        l.incr_disk_secs.extend(f.incr_disk_secs);
         l.ir_reported_running.extend(f.ir_reported_running);
     }
 
@@ -618,8 +624,10 @@ impl Report {
             max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
             let _ = writeln!(
                 s,
-                "| `lifeboat backup` incremental, {} dirty | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
+                "| `lifeboat backup` incremental, {} dirty (read {} in whole chunks; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
                 size_h(f.dirty),
+                size_h(f.incr_read),
+                minmax(&f.incr_disk_secs),
                 b.secs,
                 mb(v, b.secs),
                 mb(f.dirty, b.secs),
