@@ -624,7 +624,7 @@ impl Report {
             max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
             let _ = writeln!(
                 s,
-                "| `lifeboat backup` incremental, {} dirty (read {} in whole chunks; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
+                "| `lifeboat backup` incremental, {} dirty (read {}: the allocated data of the 1 MiB chunks holding a dirty block; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
                 size_h(f.dirty),
                 size_h(f.incr_read),
                 minmax(&f.incr_disk_secs),
