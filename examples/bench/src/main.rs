@@ -5,6 +5,7 @@
 //! as "not measured: <why>".
 
 mod cpu;
+mod live;
 mod proc;
 mod report;
 
@@ -47,6 +48,15 @@ struct Args {
     /// Skip the 4-disks-in-parallel test.
     #[arg(long)]
     no_parallel: bool,
+    /// Skip the live libvirt section (a running TCG domain booting the e2e test guest: NBD
+    /// read of the pull-mode export, `lifeboat backup` full and incremental with the freeze
+    /// window, instant-restore time to running, virtnbdbackup with --peers). It runs by
+    /// default when libvirt and the test guest are available.
+    #[arg(long)]
+    no_live: bool,
+    /// Rounds of the live section (each boots fresh domains); default 1.
+    #[arg(long, default_value_t = 1)]
+    live_rounds: u32,
 }
 
 const MIB: u64 = 1 << 20;
@@ -106,6 +116,15 @@ struct Ctx {
 
 impl Ctx {
     fn lb(&self, repo: &Path, args: &[&str]) -> Result<proc::Run> {
+        self.lb_timeout(repo, args, proc::DEFAULT_TIMEOUT)
+    }
+
+    fn lb_timeout(
+        &self,
+        repo: &Path,
+        args: &[&str],
+        timeout: std::time::Duration,
+    ) -> Result<proc::Run> {
         let r = repo.to_string_lossy();
         let mut argv = vec![
             self.lifeboat.as_str(),
@@ -117,7 +136,7 @@ impl Ctx {
             "--quiet",
         ];
         argv.extend_from_slice(args);
-        proc::run(&argv, &[], &self.scratch)
+        proc::run_timeout(&argv, &[], &self.scratch, timeout)
     }
 
     fn init_repo(&self, repo: &Path) -> Result<()> {
@@ -131,24 +150,46 @@ fn rm(p: &Path) {
     let _ = std::fs::remove_file(p);
 }
 
+/// Removes a file or directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        rm(&self.0);
+    }
+}
+
 fn sync_file(p: &Path) -> Result<()> {
     std::fs::File::open(p)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot fsync {}", p.display()))
 }
 
+/// Size of each dirtied piece.
+const DIRTY_PIECE: u64 = 64 * 1024;
+
+/// Byte offsets of `total` bytes of [`DIRTY_PIECE`] pieces spread evenly over `size` bytes
+/// (one per stride; the offset inside the stride varies so that the pieces fall in different
+/// places of their chunks).
+fn dirty_offsets(size: u64, total: u64) -> Vec<u64> {
+    let piece = DIRTY_PIECE;
+    let n = (total / piece).max(1);
+    let stride = (size / n) / piece * piece;
+    (0..n)
+        .map(|i| i * stride + (stride / 2 + (i / 255) * piece) % stride.max(piece) / piece * piece)
+        .collect()
+}
+
 /// `qemu-io` commands writing `total` bytes in 64 KiB pieces spread evenly over `size` bytes.
 /// The byte pattern and the offset inside the stride vary, so that no two dirtied chunks have
 /// the same content (deduplication would flatter the incremental).
 fn dirty_cmds(size: u64, total: u64, seed: u64) -> Vec<String> {
-    let piece = 64 * 1024;
-    let n = (total / piece).max(1);
-    let stride = (size / n) / piece * piece;
-    (0..n)
-        .map(|i| {
-            let pattern = (i + seed) % 255 + 1;
-            let within = (stride / 2 + (i / 255) * piece) % stride.max(piece) / piece * piece;
-            format!("write -q -P {pattern} {} {piece}", i * stride + within)
+    dirty_offsets(size, total)
+        .iter()
+        .enumerate()
+        .map(|(i, off)| {
+            let pattern = (i as u64 + seed) % 255 + 1;
+            format!("write -q -P {pattern} {off} {DIRTY_PIECE}")
         })
         .collect()
 }
@@ -170,6 +211,7 @@ fn u64_at(v: &serde_json::Value, ptr: &str) -> u64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    proc::install_interrupt_handler()?;
     let root = workspace_root();
     let size = match &args.size {
         Some(s) => parse_size(s)?,
@@ -199,6 +241,8 @@ fn main() -> Result<()> {
     rm(&run_dir);
     std::fs::create_dir_all(&cache)?;
     std::fs::create_dir_all(&run_dir)?;
+    // Repositories, disk copies and restores go away also when the run fails.
+    let _run_dir_guard = RemoveOnDrop(run_dir.clone());
     let scratch = run_dir.join("scratch");
     std::fs::create_dir_all(&scratch)?;
 
@@ -305,18 +349,27 @@ fn main() -> Result<()> {
         eprintln!("4 disks in parallel...");
         parallel_test(&ctx, &image, &mut rep)?;
     }
-    let ir = root.join("agent/src/commands/instant_restore.rs");
-    let stub = std::fs::read_to_string(&ir)
-        .map(|s| s.contains("todo!()"))
-        .unwrap_or(true);
-    rep.note(
-        "instant-restore time-to-running",
-        if stub {
-            "not measured: `lifeboat instant-restore` is not implemented in this build"
-        } else {
-            "not measured: needs a libvirt domain to start; not automated in the harness yet"
-        },
-    );
+    let have_vnb = args.peers && proc::have("virtnbdbackup");
+    if args.no_live {
+        rep.note(
+            "live libvirt section (freeze window, instant-restore, virtnbdbackup)",
+            "not measured: --no-live",
+        );
+    } else if let Some(why) = live::unavailable() {
+        rep.note(
+            "live libvirt section (freeze window, instant-restore, virtnbdbackup)",
+            &format!("not measured: {why}"),
+        );
+    } else {
+        let n = args.live_rounds.max(1);
+        for round in 1..=n {
+            eprintln!("live round {round}/{n} (load {})", proc::loadavg());
+            live::round(&ctx, &image, size, have_vnb, &mut rep)
+                .with_context(|| format!("live round {round}"))?;
+            rep.loads
+                .push(format!("after live round {round}: {}", proc::loadavg()));
+        }
+    }
     if args.peers {
         if !have_restic {
             rep.note(
@@ -330,14 +383,12 @@ fn main() -> Result<()> {
                 "not measured: borg is not installed (scripts/install-bench-peers.sh)",
             );
         }
-        rep.note(
-            "virtnbdbackup",
-            if proc::have("virtnbdbackup") {
-                "not measured in this run: needs a running libvirt domain; examples/bench/scripts/virt-peer.sh measures it separately (results in docs/BENCHMARKS.md)"
-            } else {
-                "not measured: virtnbdbackup is not installed (scripts/install-bench-peers.sh)"
-            },
-        );
+        if !have_vnb {
+            rep.note(
+                "virtnbdbackup",
+                "not measured: virtnbdbackup is not installed (scripts/install-bench-peers.sh)",
+            );
+        }
     } else {
         rep.note("peers", "not measured: run with --peers");
     }
@@ -349,7 +400,6 @@ fn main() -> Result<()> {
         report::write_out(out, &md)?;
         eprintln!("wrote {}", out.display());
     }
-    rm(&run_dir);
     Ok(())
 }
 
@@ -620,4 +670,41 @@ fn parallel_test(ctx: &Ctx, image: &Path, rep: &mut Report) -> Result<()> {
         rm(r);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_offsets_are_spread_over_the_disk_without_repeats() {
+        let size = 2u64 << 30;
+        let o = dirty_offsets(size, size / 100);
+        let n = o.len() as u64;
+        assert_eq!(n, size / 100 / DIRTY_PIECE);
+        let mut s = o.clone();
+        s.sort_unstable();
+        s.dedup();
+        assert_eq!(s.len(), o.len(), "a piece is dirtied twice");
+        assert!(o
+            .iter()
+            .all(|&x| x % DIRTY_PIECE == 0 && x + DIRTY_PIECE <= size));
+        // One piece per stride: the first in the first stride, the last in the last.
+        let stride = size / n;
+        assert!(o[0] < stride);
+        assert!(o[o.len() - 1] >= size - 2 * stride);
+        // Not all at the same place of their 1 MiB chunk.
+        let mut within: Vec<u64> = o.iter().map(|x| x % MIB).collect();
+        within.sort_unstable();
+        within.dedup();
+        assert!(within.len() > 1);
+    }
+
+    #[test]
+    fn dirty_cmds_write_the_offsets() {
+        let c = dirty_cmds(512 * MIB, 5 * MIB, 7);
+        let o = dirty_offsets(512 * MIB, 5 * MIB);
+        assert_eq!(c.len(), o.len());
+        assert_eq!(c[0], format!("write -q -P 8 {} 65536", o[0]));
+    }
 }

@@ -1,8 +1,12 @@
 //! Running external commands with a wall-clock time and a peak RSS.
 
+use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -28,41 +32,89 @@ impl Run {
     }
 }
 
+/// Process groups of the commands running now ([`Timed`]), signalled on an interrupt.
+static GROUPS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Set once SIGINT/SIGTERM/SIGHUP arrived: no new command starts.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// On SIGINT, SIGTERM or SIGHUP: send SIGTERM to every running command's process group (they
+/// run in their own groups, so a terminal's Ctrl-C does not reach them) and refuse to start new
+/// ones. The failing commands then unwind the harness through its drop guards, which remove
+/// domains, jobs and files; `lifeboat` itself ends a backup job and thaws on SIGTERM.
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        eprintln!("lifeboat-bench: interrupted; stopping the running commands and cleaning up");
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let groups = GROUPS.lock().map(|g| g.clone()).unwrap_or_default();
+        for pid in groups {
+            signal_group(pid, "-TERM");
+        }
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")
+}
+
+/// Fails once the harness was interrupted.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn signal_group(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Longest any single measured command may take before [`run`] kills it.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Runs `argv` (through `/usr/bin/time` when present, for the peak RSS) and fails unless it
-/// exits 0. `env` is added to the environment.
+/// exits 0. `env` is added to the environment. Killed after [`DEFAULT_TIMEOUT`].
 pub fn run(argv: &[&str], env: &[(&str, &str)], scratch: &Path) -> Result<Run> {
-    let Some((prog, args)) = argv.split_first() else {
-        bail!("empty command");
-    };
+    run_timeout(argv, env, scratch, DEFAULT_TIMEOUT)
+}
+
+/// Like [`run`], killing the command (and everything it started) after `timeout`.
+pub fn run_timeout(
+    argv: &[&str],
+    env: &[(&str, &str)],
+    scratch: &Path,
+    timeout: Duration,
+) -> Result<Run> {
     let time_out: PathBuf = scratch.join("time.out");
-    let use_time = Path::new("/usr/bin/time").exists();
-    let mut cmd = if use_time {
-        let mut c = Command::new("/usr/bin/time");
-        c.arg("-f")
-            .arg("%M %U %S")
-            .arg("-o")
-            .arg(&time_out)
-            .arg(prog);
-        c
-    } else {
-        Command::new(prog)
-    };
-    cmd.args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {}", argv.join(" ")))?;
-    let secs = start.elapsed().as_secs_f64();
-    if !out.status.success() {
+    let mut child = Timed::spawn(argv, env, &time_out, Stdio::piped())?;
+    let mut so = child.child.stdout.take().context("stdout pipe")?;
+    let mut se = child.child.stderr.take().context("stderr pipe")?;
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = child.wait_timeout(timeout);
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let status = status.with_context(|| {
+        format!(
+            "`{}`: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&stderr).trim()
+        )
+    })?;
+    let secs = child.start.elapsed().as_secs_f64();
+    if !status.success() {
         bail!(
             "`{}` failed ({}):\n{}",
             argv.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            status,
+            String::from_utf8_lossy(&stderr)
                 .lines()
                 .rev()
                 .take(15)
@@ -73,17 +125,129 @@ pub fn run(argv: &[&str], env: &[(&str, &str)], scratch: &Path) -> Result<Run> {
                 .join("\n")
         );
     }
-    let (max_rss_kib, cpu_secs) = if use_time {
-        parse_time_output(&std::fs::read_to_string(&time_out).unwrap_or_default())
-    } else {
-        (None, None)
-    };
+    let (max_rss_kib, cpu_secs) = child.usage();
     Ok(Run {
         secs,
         max_rss_kib,
         cpu_secs,
-        stdout: out.stdout,
+        stdout,
     })
+}
+
+/// A command started in its own process group, through `/usr/bin/time` when present. Dropping
+/// it while the command still runs kills the whole group.
+pub struct Timed {
+    /// The process (`/usr/bin/time` or the command itself).
+    pub child: Child,
+    /// When it was started.
+    pub start: Instant,
+    time_out: Option<PathBuf>,
+    done: bool,
+}
+
+impl Timed {
+    /// Starts `argv` with stdin closed, stderr piped and stdout as given; `/usr/bin/time`
+    /// writes its figures to `time_out`.
+    pub fn spawn(
+        argv: &[&str],
+        env: &[(&str, &str)],
+        time_out: &Path,
+        stdout: Stdio,
+    ) -> Result<Timed> {
+        let Some((prog, args)) = argv.split_first() else {
+            bail!("empty command");
+        };
+        check_interrupted()?;
+        let use_time = Path::new("/usr/bin/time").exists();
+        let mut cmd = if use_time {
+            let _ = std::fs::remove_file(time_out);
+            let mut c = Command::new("/usr/bin/time");
+            c.arg("-f")
+                .arg("%M %U %S")
+                .arg("-o")
+                .arg(time_out)
+                .arg(prog);
+            c
+        } else {
+            Command::new(prog)
+        };
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let start = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {}", argv.join(" ")))?;
+        if let Ok(mut g) = GROUPS.lock() {
+            g.push(child.id());
+        }
+        Ok(Timed {
+            child,
+            start,
+            time_out: use_time.then(|| time_out.to_path_buf()),
+            done: false,
+        })
+    }
+
+    /// Exit status if the command has finished.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        let st = self.child.try_wait().context("waiting for a command")?;
+        if st.is_some() {
+            self.reaped();
+        }
+        Ok(st)
+    }
+
+    fn reaped(&mut self) {
+        self.done = true;
+        let id = self.child.id();
+        if let Ok(mut g) = GROUPS.lock() {
+            g.retain(|&p| p != id);
+        }
+    }
+
+    /// Waits for the command; kills its process group and fails after `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                bail!("timed out after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process group (the command and what it started) and reaps the process.
+    pub fn kill(&mut self) {
+        if self.done {
+            return;
+        }
+        signal_group(self.child.id(), "-KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped();
+    }
+
+    /// Peak RSS (KiB) and CPU seconds from `/usr/bin/time`, once finished.
+    pub fn usage(&self) -> (Option<u64>, Option<f64>) {
+        match &self.time_out {
+            Some(p) => parse_time_output(&std::fs::read_to_string(p).unwrap_or_default()),
+            None => (None, None),
+        }
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Parses the last line of `/usr/bin/time -f "%M %U %S"`: peak RSS KiB, user + system seconds.
@@ -160,4 +324,44 @@ pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_captures_output_and_fails_on_nonzero_exit() -> Result<()> {
+        let dir = std::env::temp_dir();
+        let r = run(&["sh", "-c", "echo hi; echo err >&2"], &[], &dir)?;
+        assert_eq!(r.stdout, b"hi\n");
+        let e = run(&["sh", "-c", "echo boom >&2; exit 3"], &[], &dir)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("boom"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn run_timeout_kills_the_command_and_what_it_started() -> Result<()> {
+        let dir = std::env::temp_dir();
+        let marker = dir.join(format!("lifeboat-bench-timeout-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let m = marker.to_string_lossy().into_owned();
+        let t = Instant::now();
+        // A grandchild that would create the marker after 2 s unless killed with the group.
+        let script = format!("(sleep 2; touch {m}) & sleep 30");
+        let r = run_timeout(
+            &["sh", "-c", &script],
+            &[],
+            &dir,
+            Duration::from_millis(300),
+        );
+        assert!(r.is_err());
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!marker.exists(), "the grandchild survived the timeout");
+        Ok(())
+    }
 }
