@@ -199,3 +199,34 @@ fn corrupt_manifest_is_found_by_verify_and_restore() {
     rewrite(&manifest, &bytes);
     f.assert_healthy();
 }
+
+#[test]
+fn failed_qcow2_restore_with_force_names_the_chunk_and_keeps_the_existing_target() {
+    let f = fixture();
+    let out = f.env.path("out");
+    f.env.restore("small@latest", &out, &[]);
+    let target = out.join("vda.qcow2");
+    let good = std::fs::read(&target).unwrap();
+    let out_s = out.to_str().unwrap().to_string();
+    // Each stored chunk in turn (they lie at different offsets, so some fail after qemu-img
+    // has written others): the restore fails with 6 naming the chunk, leaves no partial file
+    // or helper process, and the existing target is untouched.
+    for chunk in f.objects("chunks") {
+        let id = chunk.file_name().unwrap().to_str().unwrap().to_string();
+        flip_byte(&chunk, -1);
+        f.env
+            .run(&["restore", "small@latest", "--to", &out_s, "--force"])
+            .assert_fails(6, &id);
+        flip_byte(&chunk, -1);
+        assert_eq!(files_under(&out), vec![target.clone()], "{id}");
+        assert_eq!(std::fs::read(&target).unwrap(), good, "{id}");
+        assert!(
+            processes_mentioning(&out_s).is_empty(),
+            "{:?}",
+            processes_mentioning(&out_s)
+        );
+    }
+    f.env.restore("small@latest", &out, &["--force"]);
+    assert_identical(&f.env.path("small.qcow2"), &target);
+    tool("qemu-img", &["check", "-q", target.to_str().unwrap()]);
+}

@@ -106,6 +106,43 @@ fn qcow2_round_trip_keeps_options_and_sparseness_and_dedups_second_backup() {
 }
 
 #[test]
+fn qcow2_restore_keeps_compat_0_10_and_small_clusters() {
+    let env = Env::with_repo();
+    let src = env.path("old.qcow2");
+    let mixed = env.path("mixed.raw");
+    mixed_image(64, "raw", &mixed);
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,compat=0.10",
+            mixed.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
+    );
+    env.backup(&src, "old", "vda");
+    let out = env.path("out");
+    env.restore("old@latest", &out, &[]);
+    let restored = out.join("vda.qcow2");
+    assert_identical(&src, &restored);
+    tool("qemu-img", &["check", "-q", restored.to_str().unwrap()]);
+    let info = image_info(&restored);
+    assert_eq!(info["cluster-size"], 4096, "{info}");
+    assert_eq!(info["format-specific"]["data"]["compat"], "0.10", "{info}");
+    assert_sparse(
+        info["actual-size"].as_u64().unwrap(),
+        image_info(&src)["actual-size"].as_u64().unwrap(),
+        "compat 0.10",
+    );
+}
+
+#[test]
 fn raw_round_trip_in_both_formats_and_second_backup_stores_nothing() {
     let env = Env::with_repo();
     let src = env.path("disk.raw");

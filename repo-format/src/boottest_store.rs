@@ -53,7 +53,7 @@ impl Repository {
             self.keys(),
             magic::KIND_BOOT_TEST,
             id.as_bytes(),
-            &bytes,
+            bytes,
             magic::MAX_METADATA_OBJECT,
             &key,
         )?;

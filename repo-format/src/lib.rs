@@ -74,8 +74,8 @@ pub use id::{BootTestId, ChunkId, IndexId, KeySlotId, SnapshotId};
 pub use index::DiskIndex;
 pub use manifest::{BackupMode, DiskEntry, Manifest, SnapshotKind};
 pub use repository::{
-    Encryption, InitOptions, KeySlotInfo, Repository, SealedChunk, DEFAULT_CHUNK_SIZE,
-    DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    ChunkBuffers, Encryption, InitOptions, KeySlotInfo, Repository, SealedChunk,
+    DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 
 #[cfg(test)]

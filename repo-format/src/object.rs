@@ -5,8 +5,8 @@
 use std::cell::RefCell;
 use std::io::Read as _;
 
-use chacha20poly1305::aead::{Aead, AeadInPlace, Payload};
-use chacha20poly1305::XNonce;
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{Tag, XNonce};
 
 use crate::crypto::{random_bytes, Keys};
 use crate::error::{Error, ErrorKind, Result};
@@ -110,19 +110,22 @@ pub(crate) fn seal(
     Ok(out)
 }
 
-/// Opens a sealed object: checks the header against `kind` and the repository's encryption,
-/// authenticates, decompresses (refusing more than `limit` bytes) and re-hashes against `id`.
-/// `name` names the object in errors. Every failure is [`ErrorKind::Corrupt`].
-pub(crate) fn open(
+/// Checks a sealed object's header against `kind` and the repository's encryption and, when
+/// encrypted, authenticates and decrypts its payload in place (no second buffer). Returns the
+/// payload's byte range in `sealed` and whether it is zstd-compressed. Every failure is
+/// [`ErrorKind::Corrupt`] naming the object `name`.
+fn unseal_in_place(
     keys: Option<&Keys>,
     kind: u8,
     id: &[u8; 32],
-    bytes: &[u8],
-    limit: usize,
+    sealed: &mut [u8],
     name: &str,
-) -> Result<Vec<u8>> {
+) -> Result<(std::ops::Range<usize>, bool)> {
     let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
-    let Some((header, body)) = bytes.split_first_chunk::<{ magic::OBJECT_HEADER_LEN }>() else {
+    let Some(header) = sealed
+        .first_chunk::<{ magic::OBJECT_HEADER_LEN }>()
+        .copied()
+    else {
         return Err(corrupt("truncated header"));
     };
     if header[..4] != magic::OBJECT_MAGIC {
@@ -151,50 +154,125 @@ pub(crate) fn open(
             "unencrypted object in an encrypted repository"
         }));
     }
-    let decrypted;
-    let payload: &[u8] = match keys {
-        Some(k) => {
-            let Some((nonce, ct)) = body.split_first_chunk::<{ magic::NONCE_LEN }>() else {
-                return Err(corrupt("truncated nonce"));
-            };
-            decrypted = k
-                .cipher()
-                .decrypt(
-                    XNonce::from_slice(nonce),
-                    Payload {
-                        msg: ct,
-                        aad: &aad(header, id),
-                    },
-                )
-                .map_err(|_| corrupt("authentication failed (tampered, truncated or misnamed)"))?;
-            &decrypted
-        }
-        None => body,
+    let compressed = flags & magic::FLAG_ZSTD != 0;
+    let body = magic::OBJECT_HEADER_LEN;
+    let Some(k) = keys else {
+        return Ok((body..sealed.len(), compressed));
     };
-    let plain = if flags & magic::FLAG_ZSTD != 0 {
-        decompress(payload, limit).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Corrupt,
-                format!("object {name} is corrupt: cannot decompress"),
-                e,
-            )
-        })?
+    let start = body + magic::NONCE_LEN;
+    let Some(nonce) = sealed
+        .get(body..start)
+        .and_then(|n| <[u8; magic::NONCE_LEN]>::try_from(n).ok())
+    else {
+        return Err(corrupt("truncated nonce"));
+    };
+    let auth_failed = || corrupt("authentication failed (tampered, truncated or misnamed)");
+    let Some(end) = sealed
+        .len()
+        .checked_sub(magic::TAG_LEN)
+        .filter(|e| *e >= start)
+    else {
+        return Err(auth_failed());
+    };
+    let (rest, tag) = sealed.split_at_mut(end);
+    let ct = rest.get_mut(start..).ok_or_else(auth_failed)?;
+    k.cipher()
+        .decrypt_in_place_detached(
+            XNonce::from_slice(&nonce),
+            &aad(&header, id),
+            ct,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| auth_failed())?;
+    Ok((start..end, compressed))
+}
+
+/// Opens a sealed object: checks the header against `kind` and the repository's encryption,
+/// authenticates, decompresses (refusing more than `limit` bytes) and re-hashes against `id`.
+/// `name` names the object in errors. Every failure is [`ErrorKind::Corrupt`].
+///
+/// Decrypts in `sealed` itself; an uncompressed payload is returned in that same buffer.
+pub(crate) fn open(
+    keys: Option<&Keys>,
+    kind: u8,
+    id: &[u8; 32],
+    mut sealed: Vec<u8>,
+    limit: usize,
+    name: &str,
+) -> Result<Vec<u8>> {
+    let (payload, compressed) = unseal_in_place(keys, kind, id, &mut sealed, name)?;
+    let plain = if compressed {
+        let mut out = Vec::new();
+        decompress_into(sealed.get(payload).unwrap_or_default(), limit, &mut out)
+            .map_err(|e| cannot_decompress(name, e))?;
+        out
     } else {
         if payload.len() > limit {
-            return Err(corrupt("larger than the size limit"));
+            return Err(Error::corrupt(format!(
+                "object {name} is corrupt: larger than the size limit"
+            )));
         }
-        payload.to_vec()
+        sealed.truncate(payload.end);
+        sealed.drain(..payload.start);
+        sealed
     };
-    if object_hash(keys, &plain) != *id {
-        return Err(corrupt("content does not match its id"));
-    }
+    check_id(keys, id, &plain, name)?;
     Ok(plain)
 }
 
-fn decompress(data: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {
+/// Like [`open`], but into caller-owned buffers reused from one object to the next: decrypts in
+/// `sealed`, decompresses into `scratch` (whose capacity is kept), and returns the plaintext,
+/// which lies in one of the two.
+pub(crate) fn open_into<'a>(
+    keys: Option<&Keys>,
+    kind: u8,
+    id: &[u8; 32],
+    sealed: &'a mut [u8],
+    limit: usize,
+    name: &str,
+    scratch: &'a mut Vec<u8>,
+) -> Result<&'a [u8]> {
+    let (payload, compressed) = unseal_in_place(keys, kind, id, sealed, name)?;
+    let payload: &'a [u8] = sealed.get(payload).unwrap_or_default();
+    let plain: &'a [u8] = if compressed {
+        decompress_into(payload, limit, scratch).map_err(|e| cannot_decompress(name, e))?;
+        scratch
+    } else {
+        if payload.len() > limit {
+            return Err(Error::corrupt(format!(
+                "object {name} is corrupt: larger than the size limit"
+            )));
+        }
+        payload
+    };
+    check_id(keys, id, plain, name)?;
+    Ok(plain)
+}
+
+fn cannot_decompress(name: &str, e: std::io::Error) -> Error {
+    Error::with_source(
+        ErrorKind::Corrupt,
+        format!("object {name} is corrupt: cannot decompress"),
+        e,
+    )
+}
+
+fn check_id(keys: Option<&Keys>, id: &[u8; 32], plain: &[u8], name: &str) -> Result<()> {
+    if object_hash(keys, plain) != *id {
+        return Err(Error::corrupt(format!(
+            "object {name} is corrupt: content does not match its id"
+        )));
+    }
+    Ok(())
+}
+
+/// Decompresses `data` into `out` (cleared first; its capacity is reused), refusing more than
+/// `limit` bytes.
+fn decompress_into(data: &[u8], limit: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+    out.clear();
     // Fast path: a single frame that declares its size (what `seal` writes) decompresses in one
-    // call into an exactly sized buffer; a declared size over the limit is refused before any
-    // allocation. Anything else takes the streaming path, which never reads past the limit.
+    // call into the buffer; a declared size over the limit is refused before any allocation.
+    // Anything else takes the streaming path, which never reads past the limit.
     if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(data) {
         let declared = usize::try_from(declared).unwrap_or(usize::MAX);
         if declared > limit {
@@ -202,29 +280,29 @@ fn decompress(data: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {
                 "decompressed size exceeds the limit of {limit} bytes"
             )));
         }
-        let mut out = Vec::with_capacity(declared);
+        out.reserve(declared);
         let ok = DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 *slot = zstd::bulk::Decompressor::new().ok();
             }
             slot.as_mut()
-                .is_some_and(|d| d.decompress_to_buffer(data, &mut out).is_ok())
+                .is_some_and(|d| d.decompress_to_buffer(data, &mut *out).is_ok())
         });
         if ok && out.len() == declared {
-            return Ok(out);
+            return Ok(());
         }
+        out.clear();
     }
     let decoder = zstd::stream::read::Decoder::with_buffer(data)?;
-    let mut out = Vec::new();
     let max = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    decoder.take(max).read_to_end(&mut out)?;
+    decoder.take(max).read_to_end(out)?;
     if out.len() > limit {
         return Err(std::io::Error::other(format!(
             "decompressed size exceeds the limit of {limit} bytes"
         )));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -242,9 +320,17 @@ mod tests {
             let id = object_hash(k.as_ref(), &data);
             let sealed = seal(k.as_ref(), magic::KIND_CHUNK, &id, &data, 3).unwrap();
             assert_eq!(sealed[6] & magic::FLAG_ZSTD, magic::FLAG_ZSTD);
-            let got = open(k.as_ref(), magic::KIND_CHUNK, &id, &sealed, 1 << 20, "x").unwrap();
+            let got = open(
+                k.as_ref(),
+                magic::KIND_CHUNK,
+                &id,
+                sealed.clone(),
+                1 << 20,
+                "x",
+            )
+            .unwrap();
             assert_eq!(got, data);
-            let e = open(k.as_ref(), magic::KIND_INDEX, &id, &sealed, 1 << 20, "x").unwrap_err();
+            let e = open(k.as_ref(), magic::KIND_INDEX, &id, sealed, 1 << 20, "x").unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Corrupt);
         }
     }
@@ -266,7 +352,7 @@ mod tests {
             let id = object_hash(k.as_ref(), &data);
             let sealed = seal(k.as_ref(), magic::KIND_CHUNK, &id, &data, 3).unwrap();
             assert!(sealed.len() < 4096);
-            let e = open(k.as_ref(), magic::KIND_CHUNK, &id, &sealed, 1 << 20, "x").unwrap_err();
+            let e = open(k.as_ref(), magic::KIND_CHUNK, &id, sealed, 1 << 20, "x").unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Corrupt);
         }
     }

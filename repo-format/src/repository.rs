@@ -68,6 +68,14 @@ pub struct SealedChunk {
     pub plain_len: usize,
 }
 
+/// Buffers reused by [`Repository::load_chunk_into`] from one chunk to the next (one set per
+/// worker thread).
+#[derive(Debug, Default)]
+pub struct ChunkBuffers {
+    sealed: Vec<u8>,
+    plain: Vec<u8>,
+}
+
 /// Public description of a key slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySlotInfo {
@@ -461,7 +469,7 @@ impl Repository {
             self.keys.as_ref(),
             magic::KIND_CHUNK,
             id.as_bytes(),
-            bytes,
+            bytes.to_vec(),
             self.chunk_limit(),
             &chunk_key(id),
         )
@@ -486,8 +494,40 @@ impl Repository {
 
     /// Loads and verifies a chunk.
     pub fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let bytes = self.get_object(&chunk_key(id), "chunk")?;
-        self.open_chunk(id, &bytes)
+        let key = chunk_key(id);
+        let bytes = self.get_object(&key, "chunk")?;
+        object::open(
+            self.keys.as_ref(),
+            magic::KIND_CHUNK,
+            id.as_bytes(),
+            bytes,
+            self.chunk_limit(),
+            &key,
+        )
+    }
+
+    /// Like [`Repository::load_chunk`], into buffers the caller reuses from one chunk to the
+    /// next (no allocation or first-touch page faults once they have grown to a chunk): the
+    /// object is read into `bufs`, decrypted in place and decompressed into its second buffer.
+    /// Returns the verified plaintext, borrowed from `bufs`.
+    pub fn load_chunk_into<'a>(
+        &self,
+        id: &ChunkId,
+        bufs: &'a mut ChunkBuffers,
+    ) -> Result<&'a [u8]> {
+        let key = chunk_key(id);
+        self.backend
+            .get_into(&key, &mut bufs.sealed)
+            .map_err(|e| object_read_error(e, &key, "chunk"))?;
+        object::open_into(
+            self.keys.as_ref(),
+            magic::KIND_CHUNK,
+            id.as_bytes(),
+            &mut bufs.sealed,
+            self.chunk_limit(),
+            &key,
+            &mut bufs.plain,
+        )
     }
 
     /// Every stored chunk id (keys under `chunks/` that are not chunk names are skipped).
@@ -537,7 +577,7 @@ impl Repository {
             self.keys.as_ref(),
             magic::KIND_INDEX,
             id.as_bytes(),
-            &bytes,
+            bytes,
             magic::MAX_METADATA_OBJECT,
             &key,
         )?;
@@ -584,7 +624,7 @@ impl Repository {
             self.keys.as_ref(),
             magic::KIND_MANIFEST,
             id.as_bytes(),
-            &bytes,
+            bytes,
             magic::MAX_METADATA_OBJECT,
             &key,
         )?;
@@ -685,16 +725,20 @@ impl Repository {
     }
 
     fn get_object(&self, key: &str, what: &str) -> Result<Vec<u8>> {
-        self.backend.get(key).map_err(|e| {
-            let kind = e.kind();
-            let msg = if kind == ErrorKind::NotFound {
-                format!("{what} {key} not found")
-            } else {
-                format!("cannot read {what} {key}")
-            };
-            Error::with_source(kind, msg, e)
-        })
+        self.backend
+            .get(key)
+            .map_err(|e| object_read_error(e, key, what))
     }
+}
+
+fn object_read_error(e: Error, key: &str, what: &str) -> Error {
+    let kind = e.kind();
+    let msg = if kind == ErrorKind::NotFound {
+        format!("{what} {key} not found")
+    } else {
+        format!("cannot read {what} {key}")
+    };
+    Error::with_source(kind, msg, e)
 }
 
 fn parse_time(s: &str) -> Result<jiff::Timestamp> {

@@ -147,6 +147,86 @@ fn local_backend_round_trip() {
 }
 
 #[test]
+fn load_chunk_into_reuses_buffers_across_chunk_kinds_and_reports_errors() {
+    let mut random = vec![0u8; CHUNK as usize];
+    crate::crypto::random_bytes(&mut random).unwrap();
+    let chunks = [
+        chunk_data(3),     // compresses
+        random,            // stored uncompressed
+        b"short".to_vec(), // small
+        chunk_data(5),     // compresses, after a smaller plaintext
+        vec![0u8; 1000],   // compresses a lot
+    ];
+    for encrypted in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path()));
+        let (mem, _) = mem_repo(encrypted);
+        let backends: [Arc<dyn Backend>; 2] = [local.clone(), mem];
+        for backend in backends {
+            let repo = if Arc::ptr_eq(&backend, &local) {
+                init(backend.clone(), encrypted)
+            } else {
+                Repository::open(backend.clone(), Some(&password("pw"))).unwrap()
+            };
+            let ids: Vec<ChunkId> = chunks
+                .iter()
+                .map(|c| {
+                    let s = repo.try_seal_chunk(c).unwrap();
+                    repo.store_chunk(&s).unwrap();
+                    s.id
+                })
+                .collect();
+            let mut bufs = ChunkBuffers::default();
+            for _ in 0..2 {
+                for (id, c) in ids.iter().zip(&chunks) {
+                    assert_eq!(repo.load_chunk_into(id, &mut bufs).unwrap(), &c[..]);
+                    assert_eq!(&repo.load_chunk(id).unwrap(), c);
+                }
+            }
+            let missing = ChunkId::from_bytes([0xee; 32]);
+            let e = repo.load_chunk_into(&missing, &mut bufs).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotFound);
+            // A chunk stored under another chunk's id: its content does not match.
+            let h = ids[0].to_hex();
+            let key = format!("chunks/{}/{}", &h[..2], h);
+            let other = repo.try_seal_chunk(&chunks[3]).unwrap();
+            backend.delete(&key).unwrap();
+            backend.put_if_absent(&key, &other.bytes).unwrap();
+            let e = repo.load_chunk_into(&ids[0], &mut bufs).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt);
+            // The buffers still work after a failure.
+            assert_eq!(
+                repo.load_chunk_into(&ids[1], &mut bufs).unwrap(),
+                &chunks[1][..]
+            );
+        }
+    }
+}
+
+#[test]
+fn tampering_any_chunk_byte_is_corrupt_through_reused_buffers() {
+    for encrypted in [true, false] {
+        let f = fixture(encrypted);
+        let h = f.chunk.id.to_hex();
+        let key = format!("chunks/{}/{}", &h[..2], h);
+        let original = f.mem.get(&key).unwrap();
+        let mut bufs = ChunkBuffers::default();
+        for pos in 0..original.len() {
+            f.mem.overwrite(&key, flip(&original, pos, 0x41));
+            let e = f.repo.load_chunk_into(&f.chunk.id, &mut bufs).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "pos {pos}");
+        }
+        for cut in 0..original.len() {
+            f.mem.overwrite(&key, original[..cut].to_vec());
+            let e = f.repo.load_chunk_into(&f.chunk.id, &mut bufs).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "truncated to {cut}");
+        }
+        f.mem.overwrite(&key, original.clone());
+        f.repo.load_chunk_into(&f.chunk.id, &mut bufs).unwrap();
+    }
+}
+
+#[test]
 fn wrong_or_missing_secret_is_wrong_key() {
     let (mem, _repo) = mem_repo(true);
     let kf = Secret::KeyFile(KeyFile::try_generate().unwrap());

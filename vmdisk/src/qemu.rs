@@ -263,6 +263,54 @@ pub async fn bitmap_remove(path: &Path, name: &str) -> Result<()> {
     run("qemu-img", &args, QEMU_IMG_TIMEOUT).await.map(|_| ())
 }
 
+/// How [`convert_into`] copies an image.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Source image: a path or a URI such as `nbd+unix:///EXPORT?socket=PATH`.
+    pub source: String,
+    /// Source format (always passed: no probing of guest data).
+    pub source_format: String,
+    /// Target image, already created (`qemu-img convert -n`) and reading as zeros.
+    pub target: PathBuf,
+    /// Target format.
+    pub target_format: String,
+    /// Target cache mode (`-t`, e.g. `none` for O_DIRECT), qemu-img's default if `None`.
+    pub target_cache: Option<String>,
+    /// Parallel coroutines (`-m`, 1–16).
+    pub coroutines: u32,
+    /// Time allowed for the whole copy.
+    pub timeout: Duration,
+}
+
+/// `qemu-img convert -q -n --target-is-zero -W -m N [-t CACHE] -f SRC_FMT -O DST_FMT SRC DST`:
+/// copies `source` into the freshly created `target` (whose creation options are kept), with
+/// out-of-order writes, skipping what the source's block status reports as holes or zeros and
+/// data blocks that hold only zeros (the target is declared zero-initialised).
+pub async fn convert_into(opts: &ConvertOptions) -> Result<()> {
+    let coroutines = opts.coroutines.clamp(1, 16).to_string();
+    let mut args = os(&[
+        &"convert",
+        &"-q",
+        &"-n",
+        &"--target-is-zero",
+        &"-W",
+        &"-m",
+        &coroutines,
+    ]);
+    if let Some(c) = &opts.target_cache {
+        args.extend(os(&[&"-t", c]));
+    }
+    args.extend(os(&[
+        &"-f",
+        &opts.source_format,
+        &"-O",
+        &opts.target_format,
+        &opts.source,
+        &opts.target,
+    ]));
+    run("qemu-img", &args, opts.timeout).await.map(|_| ())
+}
+
 /// How to run [`QemuNbd`].
 #[derive(Debug, Clone)]
 pub struct QemuNbdOptions {

@@ -8,20 +8,24 @@
 //! in the snapshot (see [`crate::relocate`]): the name and the rewritten XML are settled before any
 //! data is written, and the domain is defined only after every disk is in place.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use repo_format::{DiskEntry, Manifest, Repository, SnapshotId};
+use repo_format::{DiskEntry, DiskIndex, Manifest, Repository, SnapshotId};
 use serde_json::json;
-use vmdisk::nbd::{Client, ConnectOptions};
-use vmdisk::qemu::{self, QemuNbd, QemuNbdOptions};
+use vmdisk::nbd::{BlockSource, Piece, Server, ServerOptions};
+use vmdisk::qemu::{self, ConvertOptions};
 
 use super::{emit, human_bytes, mb_per_s};
-use crate::backup_common::NBD_TIMEOUT;
 use crate::cli::{GlobalOpts, RestoreArgs};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
+use crate::pipeline::chunk_range;
 use crate::pipeline::progress::Progress;
 use crate::pipeline::restore::{restore_disk, DiskRestoreStats, Sink, ZERO_BLOCK};
+use crate::pipeline::serve::RepoSource;
 use crate::repo::{self, blocking};
 
 /// A file that is removed when dropped unless it was persisted (renamed into place).
@@ -148,71 +152,159 @@ pub async fn restore_disk_to(
                 .ctx(ErrorKind::Target, || {
                     format!("cannot create '{}'", partial.display())
                 })?;
-            let socket_dir = tempfile::Builder::new()
-                .prefix("lifeboat-nbd-")
-                .tempdir()
-                .ctx(ErrorKind::Other, || {
-                    "cannot create a socket directory".into()
-                })?;
-            // O_DIRECT (`--cache=none`) skips qemu-nbd's page-cache copy of the whole image and
-            // makes the final flush cheap: 2.06–2.17 s instead of 2.71–2.74 s for a 2 GiB mixed
-            // disk. Filesystems without O_DIRECT (tmpfs) fall back to qemu's default cache.
-            let nbd_opts = |cache: Option<String>| QemuNbdOptions {
-                image: partial.to_path_buf(),
-                format: "qcow2".into(),
-                read_only: false,
-                bitmap: None,
-                socket_dir: socket_dir.path().to_path_buf(),
-                cache,
-                ..QemuNbdOptions::default()
-            };
-            let nbd = match QemuNbd::start(nbd_opts(Some("none".into()))).await {
-                Ok(nbd) => nbd,
-                Err(_) => QemuNbd::start(nbd_opts(None))
-                    .await
-                    .ctx(ErrorKind::Target, || {
-                        format!("cannot export '{}' for writing", partial.display())
-                    })?,
-            };
-            let client = Client::connect(
-                &nbd.addr(),
-                ConnectOptions {
-                    export: nbd.export_name().to_string(),
-                    meta_contexts: Vec::new(),
-                    timeout: NBD_TIMEOUT,
-                    ..ConnectOptions::default()
-                },
-            )
-            .await
-            .ctx(ErrorKind::Target, || {
-                "cannot connect to the new image's NBD export".into()
-            })?;
-            // Skip zero blocks at the cluster size: a cluster written only in part is allocated.
-            let zero_block = options
-                .iter()
-                .find(|(k, _)| k == "cluster_size")
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-                .filter(|cs| (512..=2 << 20).contains(cs))
-                .unwrap_or(ZERO_BLOCK);
-            let stats = restore_disk(
-                repo,
-                index,
-                &disk.name,
-                Sink::Nbd(client.clone()),
-                zero_block,
-                progress,
-            )
-            .await;
-            let _ = client.disconnect().await;
-            let stop = nbd.stop().await;
-            let stats = stats?;
-            stop.ctx(ErrorKind::Target, || "qemu-nbd did not stop cleanly".into())?;
-            Ok(stats)
+            restore_qcow2_by_convert(repo, index, &disk.name, partial, progress).await
         }
         other => Err(Error::new(
             ErrorKind::Usage,
             format!("cannot restore into format '{other}'"),
         )),
+    }
+}
+
+/// Restores `index` into `partial`, a freshly created qcow2 image, by pulling: the snapshot is
+/// served read-only by Lifeboat's own NBD server ([`RepoSource`]) on a private unix socket and
+/// `qemu-img convert -n --target-is-zero -W` copies it into the image. qemu-img asks for block
+/// status (chunks not stored are holes and are skipped), reads chunks with many requests in
+/// flight (each loaded, authenticated, decompressed and re-hashed on the blocking pool), skips
+/// blocks that hold only zeros, and writes into its own reused buffers with O_DIRECT where the
+/// filesystem allows it. Against pushing writes into a `qemu-nbd` export of the image, this
+/// saves qemu-nbd's per-request buffer allocation and the client's payload copy (2 GiB mixed
+/// disk: see docs/BENCHMARKS.md). A chunk that fails its checks fails the read, hence
+/// qemu-img, and the restore with [`ErrorKind::Corrupt`] naming it.
+async fn restore_qcow2_by_convert(
+    repo: Arc<Repository>,
+    index: Arc<DiskIndex>,
+    disk: &str,
+    partial: &Path,
+    progress: &Progress,
+) -> Result<DiskRestoreStats> {
+    let start = Instant::now();
+    let size = index.disk_size;
+    let cs = u64::from(index.chunk_size);
+    let stored: Vec<u64> = index
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.is_some())
+        .map(|(i, _)| i as u64)
+        .collect();
+    let bytes_stored: u64 = stored
+        .iter()
+        .map(|&i| {
+            let (s, e) = chunk_range(i, cs, size);
+            e - s
+        })
+        .sum();
+    let source = Arc::new(CountingSource {
+        inner: RepoSource::new(repo, index, CONVERT_CACHE_CHUNKS),
+        progress: progress.clone(),
+        counted: AtomicU64::new(0),
+    });
+    let socket_dir = tempfile::Builder::new()
+        .prefix("lifeboat-nbd-")
+        .tempdir()
+        .ctx(ErrorKind::Other, || {
+            "cannot create a socket directory".into()
+        })?;
+    let socket = socket_dir.path().join("restore.sock");
+    let mut exports: HashMap<String, Arc<dyn BlockSource>> = HashMap::new();
+    exports.insert(CONVERT_EXPORT.to_string(), source.clone());
+    let server = Arc::new(Server::new(exports, ServerOptions::default()));
+    let listener = Server::bind_unix(&socket)
+        .map_err(|e| Error::with_source(ErrorKind::Other, "cannot start the NBD server", e))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(server.serve(listener, Some(socket.clone()), stopped));
+
+    // O_DIRECT (`-t none`) skips the page-cache copy of the whole image and makes the final
+    // flush cheap; filesystems that refuse O_DIRECT get qemu-img's default cache.
+    let direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(partial)
+            .is_ok()
+    };
+    let copy = qemu::convert_into(&ConvertOptions {
+        source: format!("nbd+unix:///{CONVERT_EXPORT}?socket={}", socket.display()),
+        // Never probe the format of guest data.
+        source_format: "raw".into(),
+        target: partial.to_path_buf(),
+        target_format: "qcow2".into(),
+        target_cache: direct.then(|| "none".to_string()),
+        coroutines: CONVERT_COROUTINES,
+        // Generous: a stalled copy is the only thing this catches (≥ 5 MB/s of stored data).
+        timeout: Duration::from_secs(600 + bytes_stored / 5_000_000),
+    })
+    .await;
+    let _ = stop.send(true);
+    let _ = serving.await;
+    let (failures, last) = source.inner.failures();
+    if failures > 0 {
+        let why = last.unwrap_or_else(|| "a chunk could not be read".into());
+        return Err(match copy {
+            Err(e) => Error::with_source(
+                ErrorKind::Corrupt,
+                format!("cannot restore disk '{disk}': {why}"),
+                e,
+            ),
+            Ok(()) => Error::new(
+                ErrorKind::Corrupt,
+                format!("cannot restore disk '{disk}': {why}"),
+            ),
+        });
+    }
+    copy.ctx(ErrorKind::Target, || {
+        format!("cannot copy disk '{disk}' into '{}'", partial.display())
+    })?;
+    let p = partial.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&p).and_then(|f| f.sync_all()))
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
+        .ctx(ErrorKind::Target, || {
+            "cannot flush the restored image".into()
+        })?;
+    progress.add(size.saturating_sub(source.counted.load(Ordering::Relaxed)));
+    Ok(DiskRestoreStats {
+        bytes_written: bytes_stored,
+        chunks: stored.len() as u64,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Export name of the snapshot disk served to `qemu-img convert`.
+const CONVERT_EXPORT: &str = "disk";
+/// `qemu-img convert -m`: requests in flight (each up to 2 MiB, i.e. two 1 MiB chunks).
+const CONVERT_COROUTINES: u32 = 8;
+/// Chunks kept by the served source (qemu-img reads each chunk once, in one request).
+const CONVERT_CACHE_CHUNKS: usize = 4;
+
+/// The served snapshot disk, counting the bytes read for the progress display.
+struct CountingSource {
+    inner: RepoSource,
+    progress: Progress,
+    counted: AtomicU64,
+}
+
+impl BlockSource for CountingSource {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read(&self, offset: u64, len: u32) -> vmdisk::Result<Vec<Piece>> {
+        let pieces = self.inner.read(offset, len)?;
+        self.counted.fetch_add(u64::from(len), Ordering::Relaxed);
+        self.progress.add(u64::from(len));
+        Ok(pieces)
+    }
+
+    fn extents(&self, offset: u64, len: u32) -> vmdisk::Result<Vec<(u32, bool)>> {
+        self.inner.extents(offset, len)
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        self.inner.preferred_block_size()
     }
 }
 

@@ -1,9 +1,11 @@
-//! Restoring one disk from its index into a sparse image.
+//! Restoring one disk from its index into a sparse raw image (qcow2 is restored by `qemu-img
+//! convert` reading the snapshot from Lifeboat's NBD server: see `commands::restore`).
 //!
-//! Chunks are loaded, authenticated, decompressed and re-hashed in parallel on the blocking pool;
-//! each is written at its own offset (order does not matter). The target is fresh (reads as zeros),
-//! so zero chunks are never written and, inside a chunk, only the runs of blocks that hold a non-zero
-//! byte are: fewer bytes through the kernel or qemu-nbd, and a sparser result. The caller writes into a temporary file and renames it only on success.
+//! Chunks are loaded, authenticated, decompressed and re-hashed in parallel on the blocking pool,
+//! each worker in its own reused buffers; each is written at its own offset (order does not
+//! matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
+//! chunk, only the runs of blocks that hold a non-zero byte are: fewer bytes through the kernel,
+//! and a sparser result. The caller writes into a temporary file and renames it only on success.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,8 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use repo_format::{ChunkId, DiskIndex, Repository};
-use vmdisk::nbd::Client;
+use repo_format::{ChunkBuffers, ChunkId, DiskIndex, Repository};
 
 use super::progress::Progress;
 use super::{chunk_range, concurrency};
@@ -22,10 +23,9 @@ use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 /// Where restored chunks go.
 #[derive(Clone)]
 pub enum Sink {
-    /// A raw file, already sized to the disk (sparse).
+    /// A raw file, already sized to the disk (sparse). (qcow2 is restored by `qemu-img
+    /// convert` pulling from Lifeboat's NBD server: see `commands::restore`.)
     File(Arc<File>),
-    /// A writable NBD export (e.g. qemu-nbd serving a new qcow2).
-    Nbd(Client),
 }
 
 /// What a disk restore did.
@@ -51,21 +51,36 @@ pub fn check_index(index: &DiskIndex, disk: &str) -> Result<()> {
     Ok(())
 }
 
-/// Load and verify one chunk; check it has the length its position requires.
-fn load_checked(repo: &Repository, id: &ChunkId, expected_len: u64) -> Result<Vec<u8>> {
-    let data = repo
-        .load_chunk(id)
-        .map_err(|e| repo_err(e, format!("cannot load chunk {id}")))?;
-    if data.len() as u64 != expected_len {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "chunk {id} holds {} bytes where the index expects {expected_len}",
-                data.len()
-            ),
-        ));
-    }
-    Ok(data)
+thread_local! {
+    /// Each blocking-pool thread reads, decrypts and decompresses its chunks in the same two
+    /// buffers: no allocation or first-touch page faults per chunk.
+    static BUFFERS: std::cell::RefCell<ChunkBuffers> = std::cell::RefCell::default();
+}
+
+/// Load and verify one chunk into this thread's buffers; check it has the length its position
+/// requires; run `f` on it.
+fn with_checked_chunk<T>(
+    repo: &Repository,
+    id: &ChunkId,
+    expected_len: u64,
+    f: impl FnOnce(&[u8]) -> Result<T>,
+) -> Result<T> {
+    BUFFERS.with(|b| {
+        let mut bufs = b.borrow_mut();
+        let data = repo
+            .load_chunk_into(id, &mut bufs)
+            .map_err(|e| repo_err(e, format!("cannot load chunk {id}")))?;
+        if data.len() as u64 != expected_len {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "chunk {id} holds {} bytes where the index expects {expected_len}",
+                    data.len()
+                ),
+            ));
+        }
+        f(data)
+    })
 }
 
 /// Default granularity at which restored chunks are scanned for all-zero blocks to skip.
@@ -135,48 +150,28 @@ pub async fn restore_disk(
                 match sink {
                     Sink::File(file) => {
                         tokio::task::spawn_blocking(move || -> Result<()> {
-                            let data = load_checked(&repo, &id, len)?;
-                            let runs = nonzero_runs(&data, zero_block);
-                            if runs.is_empty() {
-                                return Ok(());
-                            }
-                            let _turn = write_turn
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
-                            for (s, e) in runs {
-                                let at = off + s as u64;
-                                let piece = data.get(s..e).unwrap_or_default();
-                                file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
-                                    format!("cannot write {} bytes at offset {at}", e - s)
-                                })?;
-                            }
-                            Ok(())
+                            with_checked_chunk(&repo, &id, len, |data| {
+                                let runs = nonzero_runs(data, zero_block);
+                                if runs.is_empty() {
+                                    return Ok(());
+                                }
+                                let _turn = write_turn
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                for (s, e) in runs {
+                                    let at = off + s as u64;
+                                    let piece = data.get(s..e).unwrap_or_default();
+                                    file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
+                                        format!("cannot write {} bytes at offset {at}", e - s)
+                                    })?;
+                                }
+                                Ok(())
+                            })
                         })
                         .await
                         .map_err(|e| {
                             Error::with_source(ErrorKind::Other, "a worker thread failed", e)
                         })??;
-                    }
-                    Sink::Nbd(client) => {
-                        let (data, runs) = tokio::task::spawn_blocking(move || {
-                            let data = load_checked(&repo, &id, len)?;
-                            let runs = nonzero_runs(&data, zero_block);
-                            Ok::<_, Error>((data, runs))
-                        })
-                        .await
-                        .map_err(|e| {
-                            Error::with_source(ErrorKind::Other, "a worker thread failed", e)
-                        })??;
-                        for (s, e) in runs {
-                            let at = off + s as u64;
-                            let piece = data.get(s..e).unwrap_or_default();
-                            client.write(at, piece).await.ctx(ErrorKind::Target, || {
-                                format!(
-                                    "cannot write {} bytes at offset {at} to the new image",
-                                    e - s
-                                )
-                            })?;
-                        }
                     }
                 }
                 written.fetch_add(len, Ordering::Relaxed);
@@ -201,9 +196,6 @@ pub async fn restore_disk(
                     "cannot flush the restored image".into()
                 })?;
         }
-        Sink::Nbd(client) => client.flush().await.ctx(ErrorKind::Target, || {
-            "cannot flush the restored image".into()
-        })?,
     }
 
     Ok(DiskRestoreStats {

@@ -80,6 +80,13 @@ impl Backend for FaultyBackend {
         self.inner.get(key)
     }
 
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        if self.fail_gets.load(Ordering::SeqCst) {
+            return Err(Self::injected("get", key));
+        }
+        self.inner.get_into(key, buf)
+    }
+
     fn exists(&self, key: &str) -> Result<bool> {
         self.inner.exists(key)
     }

@@ -130,6 +130,16 @@ impl LocalBackend {
     }
 }
 
+fn read_error(key: &str, e: std::io::Error) -> Error {
+    let kind = e.kind();
+    let err = Error::io(format!("cannot read object {key}"), e);
+    if kind == std::io::ErrorKind::NotFound {
+        Error::with_source(ErrorKind::NotFound, format!("object {key} not found"), err)
+    } else {
+        err
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -171,15 +181,20 @@ impl Backend for LocalBackend {
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path(key)?;
-        fs::read(&path).map_err(|e| {
-            let kind = e.kind();
-            let err = Error::io(format!("cannot read object {key}"), e);
-            if kind == std::io::ErrorKind::NotFound {
-                Error::with_source(ErrorKind::NotFound, format!("object {key} not found"), err)
-            } else {
-                err
-            }
-        })
+        fs::read(&path).map_err(|e| read_error(key, e))
+    }
+
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        use std::io::Read as _;
+        let path = self.path(key)?;
+        buf.clear();
+        let mut f = fs::File::open(&path).map_err(|e| read_error(key, e))?;
+        // One read of the whole object when the buffer is large enough (the size is a hint:
+        // read_to_end reads until EOF whatever it says).
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        buf.reserve(usize::try_from(len).unwrap_or(0).saturating_add(1));
+        f.read_to_end(buf).map_err(|e| read_error(key, e))?;
+        Ok(())
     }
 
     fn exists(&self, key: &str) -> Result<bool> {

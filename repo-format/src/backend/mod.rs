@@ -26,6 +26,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Reads an object; [`crate::ErrorKind::NotFound`] if it does not exist.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
 
+    /// Reads an object into `buf` (replacing its contents, reusing its capacity), for callers
+    /// that read many objects in a row. Errors as [`Backend::get`]. The default calls `get`.
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.get(key)?;
+        Ok(())
+    }
+
     /// Whether an object exists.
     fn exists(&self, key: &str) -> Result<bool>;
 
