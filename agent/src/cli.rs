@@ -433,8 +433,9 @@ pub struct InstantRestoreArgs {
     /// moving the data.
     #[arg(long)]
     pub resume: bool,
-    /// Blocks cached in memory per disk (1 chunk each).
-    #[arg(long, default_value_t = 256)]
+    /// Chunks (1 MiB each) cached in memory for the whole VM, split evenly between its disks
+    /// (at least 4 per disk). Bounds the process's memory while the VM runs from the backup.
+    #[arg(long, default_value_t = 64)]
     pub cache_chunks: usize,
     /// Network interfaces.
     #[command(flatten)]

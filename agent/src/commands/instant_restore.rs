@@ -101,6 +101,9 @@ pub struct StateDisk {
     pub socket: PathBuf,
 }
 
+/// Fewest chunks cached per disk, whatever the budget: QEMU reads a chunk in many small pieces.
+const MIN_CACHE_CHUNKS_PER_DISK: usize = 4;
+
 pub(crate) fn socket_dir_for(storage_dir: &Path) -> PathBuf {
     let h = blake3_hex(storage_dir.to_string_lossy().as_bytes());
     PathBuf::from("/run/lifeboat/instant").join(&h[..16])
@@ -199,6 +202,8 @@ pub(crate) async fn serve_lazy(
     let mut tasks = Vec::new();
     let mut sources = Vec::new();
     let mut index_loads = Vec::new();
+    // The cache budget is for the whole VM, so memory does not grow with the number of disks.
+    let per_disk_cache = (cache_chunks / disks.len().max(1)).max(MIN_CACHE_CHUNKS_PER_DISK);
     for sd in disks {
         let entry = manifest
             .disks
@@ -210,7 +215,7 @@ pub(crate) async fn serve_lazy(
                     format!("snapshot has no disk '{}'", sd.target),
                 )
             })?;
-        let src = Arc::new(RepoSource::lazy(repo.clone(), entry, cache_chunks));
+        let src = Arc::new(RepoSource::lazy(repo.clone(), entry, per_disk_cache));
         let loader = src.clone();
         index_loads.push(tokio::task::spawn_blocking(move || {
             loader.load_index().map(|_| ())

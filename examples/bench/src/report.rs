@@ -707,7 +707,7 @@ impl Report {
         if let Some(b) = self.get("live.ir.moved") {
             let _ = writeln!(
                 s,
-                "| instant-restore: command start → all data moved into local qcow2 (command exits; its peak RSS is mostly its chunk cache, `--cache-chunks`, default 256 chunks per disk) | {:.2} | {:.0} | {:.0} | | | | {} | |",
+                "| instant-restore: command start → all data moved into local qcow2 (command exits; its peak RSS is mostly its chunk cache, `--cache-chunks`, default 64 chunks for the whole VM) | {:.2} | {:.0} | {:.0} | | | | {} | |",
                 b.secs,
                 mb(v, b.secs),
                 mb(a, b.secs),
