@@ -23,25 +23,14 @@ const LINK_EMPTY_PATH: u8 = 0;
 const LINK_PROC_FD: u8 = 1;
 const NAMED_TEMP: u8 = 2;
 
-/// Objects of at least this size bypass the page cache for their block-aligned bulk.
-const DIRECT_MIN: usize = 64 * 1024;
-/// Alignment of direct-I/O buffers and lengths (the largest any Linux filesystem requires).
-const DIRECT_ALIGN: usize = 4096;
-
-thread_local! {
-    /// Aligned staging buffer of direct writes, reused by each worker thread.
-    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Keys whose directory entries become durable at [`Backend::flush`] rather than at each put:
 /// objects that only a later, flushed-before-commit manifest makes reachable.
 const DEFERRED_PREFIXES: [&str; 2] = ["chunks/", "indexes/"];
 
 /// Objects as files: key `a/b/c` is the file `<root>/a/b/c`.
 ///
-/// A put writes the data to an unnamed file (`O_TMPFILE`, mode 0444) in the object's directory
-/// (objects of 64 KiB or more: with `O_DIRECT` for their block-aligned bulk), fsyncs it and
-/// links it to the final path with `linkat` (which fails if the object exists: no
+/// A put writes the data to an unnamed file (`O_TMPFILE`, mode 0444) in the object's directory,
+/// fsyncs it and links it to the final path with `linkat` (which fails if the object exists: no
 /// overwrite, no rename). Where the filesystem refuses `O_TMPFILE`, it writes `<root>/tmp/<random>`
 /// instead, fsyncs it, makes it read-only, hard-links it to the final path and removes the
 /// temporary name. Readers therefore see either no object or the whole object (its data is
@@ -65,8 +54,6 @@ pub struct LocalBackend {
     unsynced_dirs: Arc<Mutex<BTreeSet<PathBuf>>>,
     /// [`LINK_EMPTY_PATH`], [`LINK_PROC_FD`] or [`NAMED_TEMP`] (shared by clones).
     write_mode: Arc<AtomicU8>,
-    /// Whether large objects are written with `O_DIRECT` (cleared where refused).
-    direct_io: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LocalBackend {
@@ -76,7 +63,6 @@ impl LocalBackend {
             root: root.into(),
             unsynced_dirs: Arc::default(),
             write_mode: Arc::new(AtomicU8::new(LINK_EMPTY_PATH)),
-            direct_io: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -161,22 +147,11 @@ impl LocalBackend {
         data: &[u8],
     ) -> Result<Option<bool>> {
         let ctx = || format!("cannot write a new file in {}", dir.display());
-        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
-        let direct = data.len() >= DIRECT_MIN && self.direct_io.load(Ordering::Relaxed);
-        let mode = Mode::from_raw_mode(0o444);
-        let mut opened = if direct {
-            rustix::fs::open(dir, flags | OFlags::DIRECT, mode)
-        } else {
-            rustix::fs::open(dir, flags, mode)
-        };
-        if direct && matches!(opened, Err(Errno::INVAL)) {
-            // O_DIRECT refused (or no O_TMPFILE: the open below tells).
-            opened = rustix::fs::open(dir, flags, mode);
-            if opened.is_ok() {
-                self.direct_io.store(false, Ordering::Relaxed);
-            }
-        }
-        let fd = match opened {
+        let fd = match rustix::fs::open(
+            dir,
+            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o444),
+        ) {
             Ok(fd) => fd,
             // No O_TMPFILE in this filesystem (EOPNOTSUPP) or kernel (EISDIR, EINVAL).
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
@@ -185,10 +160,8 @@ impl LocalBackend {
             }
             Err(e) => return Err(Error::io(ctx(), e.into())),
         };
-        let f = fs::File::from(fd);
-        let direct =
-            direct && rustix::fs::fcntl_getfl(&f).is_ok_and(|fl| fl.contains(OFlags::DIRECT));
-        self.write_object(&f, data, direct)
+        let mut f = fs::File::from(fd);
+        f.write_all(data)
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io(ctx(), e))?;
         let mut result = Err(Errno::NOENT);
@@ -216,39 +189,6 @@ impl LocalBackend {
             Err(Errno::EXIST) => Ok(Some(false)),
             Err(e) => Err(Error::io(format!("cannot store object {key}"), e.into())),
         }
-    }
-
-    /// Writes `data` at the start of the new, empty file `f`. With `direct` (`f` is open with
-    /// `O_DIRECT`), the block-aligned bulk goes from an aligned per-thread buffer straight to the
-    /// device, skipping the page-cache copy; the tail (under one block) is written buffered.
-    fn write_object(&self, f: &fs::File, data: &[u8], direct: bool) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt as _;
-        let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-        let mut done = 0;
-        if direct {
-            let res = DIRECT_BUF.with_borrow_mut(|buf| {
-                if buf.len() < bulk + DIRECT_ALIGN {
-                    *buf = vec![0; bulk + DIRECT_ALIGN];
-                }
-                let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                let aligned = buf
-                    .get_mut(at..at + bulk)
-                    .ok_or_else(|| std::io::Error::other("direct I/O buffer misaligned"))?;
-                aligned.copy_from_slice(&data[..bulk]);
-                f.write_all_at(aligned, 0)
-            });
-            match res {
-                Ok(()) => done = bulk,
-                // The device wants a larger alignment than DIRECT_ALIGN: stop trying.
-                Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => {
-                    self.direct_io.store(false, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-            let fl = rustix::fs::fcntl_getfl(f)?;
-            rustix::fs::fcntl_setfl(f, fl - OFlags::DIRECT)?;
-        }
-        f.write_all_at(&data[done..], done as u64)
     }
 
     fn write_temp(&self, data: &[u8]) -> Result<PathBuf> {
@@ -438,33 +378,6 @@ mod tests {
             put_get_list_delete(mode);
             chunk_dir_entries_synced_at_flush(mode);
             concurrent_puts_of_same_key(mode);
-            large_objects(mode, true);
-            large_objects(mode, false);
-        }
-    }
-
-    /// Objects around the direct-I/O threshold and block size, aligned or not, read back whole.
-    fn large_objects(mode: u8, direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let b = backend(dir.path(), mode);
-        b.direct_io.store(direct, Ordering::Relaxed);
-        let sizes = [
-            DIRECT_MIN - 1,
-            DIRECT_MIN,
-            DIRECT_MIN + 1,
-            3 * DIRECT_ALIGN,
-            (1 << 20) + 123,
-            2 << 20,
-        ];
-        for (n, size) in sizes.into_iter().enumerate() {
-            let data: Vec<u8> = (0..size).map(|i| (i * 7 + n) as u8).collect();
-            let key = format!("chunks/0{n}/{size}");
-            assert!(b.put_if_absent(&key, &data).unwrap());
-            assert!(!b.put_if_absent(&key, b"other").unwrap());
-            assert!(b.get(&key).unwrap() == data, "size {size}");
-            let meta = fs::metadata(dir.path().join(&key)).unwrap();
-            assert_eq!(meta.len(), size as u64);
-            assert!(meta.permissions().readonly());
         }
     }
 
