@@ -375,6 +375,15 @@ impl QemuNbdOptions {
     }
 }
 
+/// glibc malloc settings for qemu-nbd: it allocates a buffer per request, and with glibc's
+/// defaults a freed 1 MiB buffer goes back to the kernel (munmap, or a heap trim), so the next
+/// request page-faults fresh zeroed pages in. Serving allocations below 32 MiB from the heap and
+/// keeping up to 64 MiB of free heap avoids that: reading a 512 MiB mixed disk in 1 MiB requests
+/// took qemu-nbd ≈ 80 000 page faults and ≈ 340 ms CPU, ≈ 14 000 and ≈ 230 ms with these.
+/// Ignored by a qemu-nbd not linked against glibc.
+const QEMU_NBD_MALLOC_TUNABLES: &str =
+    "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864";
+
 /// A running `qemu-nbd` serving one image (export name "") on a private unix socket.
 ///
 /// Dropping it without [`QemuNbd::stop`] kills the process (SIGKILL via
@@ -437,8 +446,13 @@ impl QemuNbd {
             }
         }
         args.push(opts.image.clone().into());
+        let tunables = match std::env::var("GLIBC_TUNABLES") {
+            Ok(t) if !t.is_empty() => format!("{t}:{QEMU_NBD_MALLOC_TUNABLES}"),
+            _ => QEMU_NBD_MALLOC_TUNABLES.to_owned(),
+        };
         let mut child = Command::new("qemu-nbd")
             .args(&args)
+            .env("GLIBC_TUNABLES", tunables)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,7 +4,11 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+
+use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+use rustix::io::Errno;
 
 use super::{validate_key, validate_prefix, Backend};
 use crate::error::{Error, ErrorKind, Result};
@@ -12,17 +16,26 @@ use crate::error::{Error, ErrorKind, Result};
 /// Directory (under the root) holding files being written.
 const TMP_DIR: &str = "tmp";
 
+/// How a put makes its object file: an unnamed `O_TMPFILE` file linked with `AT_EMPTY_PATH`
+/// (needs `CAP_DAC_READ_SEARCH` on most kernels), one linked through `/proc/self/fd/N`, or a
+/// named temporary file under [`TMP_DIR`]. Learnt on first use; only ever moves down the list.
+const LINK_EMPTY_PATH: u8 = 0;
+const LINK_PROC_FD: u8 = 1;
+const NAMED_TEMP: u8 = 2;
+
 /// Keys whose directory entries become durable at [`Backend::flush`] rather than at each put:
 /// objects that only a later, flushed-before-commit manifest makes reachable.
 const DEFERRED_PREFIXES: [&str; 2] = ["chunks/", "indexes/"];
 
 /// Objects as files: key `a/b/c` is the file `<root>/a/b/c`.
 ///
-/// A put writes `<root>/tmp/<random>`, fsyncs it, makes it read-only, hard-links it to the final
-/// path (which fails if the object exists: no overwrite, no rename) and removes the temporary
-/// name. Readers therefore see either no object or the whole object (its data is durable before
-/// its name exists), and concurrent writers of the same key never clobber each other.
-/// Directories are created on demand.
+/// A put writes the data to an unnamed file (`O_TMPFILE`, mode 0444) in the object's directory,
+/// fsyncs it and links it to the final path with `linkat` (which fails if the object exists: no
+/// overwrite, no rename). Where the filesystem refuses `O_TMPFILE`, it writes `<root>/tmp/<random>`
+/// instead, fsyncs it, makes it read-only, hard-links it to the final path and removes the
+/// temporary name. Readers therefore see either no object or the whole object (its data is
+/// durable before its name exists), and concurrent writers of the same key never clobber each
+/// other. Directories are created on demand.
 ///
 /// For chunks and indexes (keys under `chunks/` and `indexes/`, the bulk of a backup, only ever
 /// reachable through a snapshot manifest) the new directory entries (the object's name, new
@@ -39,6 +52,8 @@ pub struct LocalBackend {
     root: PathBuf,
     /// Directories with entries added since the last flush (shared by clones).
     unsynced_dirs: Arc<Mutex<BTreeSet<PathBuf>>>,
+    /// [`LINK_EMPTY_PATH`], [`LINK_PROC_FD`] or [`NAMED_TEMP`] (shared by clones).
+    write_mode: Arc<AtomicU8>,
 }
 
 impl LocalBackend {
@@ -47,6 +62,7 @@ impl LocalBackend {
         LocalBackend {
             root: root.into(),
             unsynced_dirs: Arc::default(),
+            write_mode: Arc::new(AtomicU8::new(LINK_EMPTY_PATH)),
         }
     }
 
@@ -99,6 +115,79 @@ impl LocalBackend {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !set.contains(dir) {
             set.insert(dir.to_path_buf());
+        }
+    }
+
+    /// Stores `data` at `path` (in the existing directory `dir`) unless something is there:
+    /// `Ok(true)` if linked, `Ok(false)` if the name existed.
+    fn store_new(&self, key: &str, dir: &Path, path: &Path, data: &[u8]) -> Result<bool> {
+        if self.write_mode.load(Ordering::Relaxed) != NAMED_TEMP {
+            if let Some(linked) = self.store_anonymous(key, dir, path, data)? {
+                return Ok(linked);
+            }
+        }
+        let tmp = self.write_temp(data)?;
+        let linked = fs::hard_link(&tmp, path);
+        // Best effort: the object (if linked) is complete either way.
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(format!("cannot store object {key}"), e)),
+        }
+    }
+
+    /// [`Self::store_new`] through an unnamed file: `None` when this filesystem or process
+    /// cannot (the caller falls back to a named temporary file, and so do later puts).
+    fn store_anonymous(
+        &self,
+        key: &str,
+        dir: &Path,
+        path: &Path,
+        data: &[u8],
+    ) -> Result<Option<bool>> {
+        let ctx = || format!("cannot write a new file in {}", dir.display());
+        let fd = match rustix::fs::open(
+            dir,
+            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o444),
+        ) {
+            Ok(fd) => fd,
+            // No O_TMPFILE in this filesystem (EOPNOTSUPP) or kernel (EISDIR, EINVAL).
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+                self.write_mode.store(NAMED_TEMP, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io(ctx(), e.into())),
+        };
+        let mut f = fs::File::from(fd);
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(ctx(), e))?;
+        let mut result = Err(Errno::NOENT);
+        if self.write_mode.load(Ordering::Relaxed) == LINK_EMPTY_PATH {
+            result = rustix::fs::linkat(&f, "", CWD, path, AtFlags::EMPTY_PATH);
+            if let Err(Errno::PERM | Errno::NOENT) = result {
+                // Without CAP_DAC_READ_SEARCH the kernel refuses AT_EMPTY_PATH (ENOENT, or
+                // EPERM on older kernels); a missing target directory is caught below.
+                self.write_mode.store(LINK_PROC_FD, Ordering::Relaxed);
+            }
+        }
+        if self.write_mode.load(Ordering::Relaxed) == LINK_PROC_FD {
+            use std::os::fd::AsRawFd as _;
+            let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+            result = rustix::fs::linkat(CWD, &proc_path, CWD, path, AtFlags::SYMLINK_FOLLOW);
+            if let Err(Errno::NOENT) = result {
+                if !Path::new("/proc/self/fd").is_dir() {
+                    self.write_mode.store(NAMED_TEMP, Ordering::Relaxed);
+                    return Ok(None);
+                }
+            }
+        }
+        match result {
+            Ok(()) => Ok(Some(true)),
+            Err(Errno::EXIST) => Ok(Some(false)),
+            Err(e) => Err(Error::io(format!("cannot store object {key}"), e.into())),
         }
     }
 
@@ -158,24 +247,16 @@ impl Backend for LocalBackend {
             .ok_or_else(|| Error::invalid(format!("invalid object key {key:?}")))?;
         let defer_sync = DEFERRED_PREFIXES.iter().any(|p| key.starts_with(p));
         self.create_dirs(parent, defer_sync)?;
-        let tmp = self.write_temp(data)?;
-        let linked = fs::hard_link(&tmp, &path);
-        // Best effort: the object (if linked) is complete either way.
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                if defer_sync {
-                    self.mark_unsynced(parent);
-                } else {
-                    sync_dir(parent)?;
-                }
-                Ok(true)
+        if self.store_new(key, parent, &path, data)? {
+            if defer_sync {
+                self.mark_unsynced(parent);
+            } else {
+                sync_dir(parent)?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                self.found(key, &path);
-                Ok(false)
-            }
-            Err(e) => Err(Error::io(format!("cannot store object {key}"), e)),
+            Ok(true)
+        } else {
+            self.found(key, &path);
+            Ok(false)
         }
     }
 
@@ -297,11 +378,45 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Barrier};
 
+    /// Every way a put can make its file: each test runs with all of them.
+    const MODES: [u8; 3] = [LINK_EMPTY_PATH, LINK_PROC_FD, NAMED_TEMP];
+
+    fn backend(root: impl Into<PathBuf>, mode: u8) -> LocalBackend {
+        let b = LocalBackend::new(root);
+        b.write_mode.store(mode, Ordering::Relaxed);
+        b
+    }
+
     #[test]
-    fn put_get_list_delete() {
+    fn all_modes() {
+        for mode in MODES {
+            put_get_list_delete(mode);
+            chunk_dir_entries_synced_at_flush(mode);
+            concurrent_puts_of_same_key(mode);
+        }
+    }
+
+    /// This machine's filesystems (ext4, tmpfs) support O_TMPFILE, and the tests run as a user
+    /// who may or may not link with AT_EMPTY_PATH: the anonymous path must stay in use.
+    #[test]
+    fn anonymous_files_used_where_supported() {
         let dir = tempfile::tempdir().unwrap();
-        let b = LocalBackend::new(dir.path().join("repo"));
+        let b = LocalBackend::new(dir.path());
         assert!(b.put_if_absent("chunks/ab/abcd", b"one").unwrap());
+        assert_ne!(b.write_mode.load(Ordering::Relaxed), NAMED_TEMP);
+        assert!(!dir.path().join(TMP_DIR).exists());
+    }
+
+    fn put_get_list_delete(mode: u8) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path().join("repo"), mode);
+        assert!(b.put_if_absent("chunks/ab/abcd", b"one").unwrap());
+        // The path under test was really taken (AT_EMPTY_PATH may be refused to non-root).
+        let used = b.write_mode.load(Ordering::Relaxed);
+        assert!(
+            used == mode || (mode == LINK_EMPTY_PATH && used == LINK_PROC_FD),
+            "{mode} -> {used}"
+        );
         assert!(!b.put_if_absent("chunks/ab/abcd", b"two").unwrap());
         assert_eq!(b.get("chunks/ab/abcd").unwrap(), b"one");
         assert!(b.put_if_absent("config", b"c").unwrap());
@@ -326,10 +441,9 @@ mod tests {
         assert!(b.put_if_absent("tmp/x", b"").is_err());
     }
 
-    #[test]
-    fn chunk_dir_entries_synced_at_flush() {
+    fn chunk_dir_entries_synced_at_flush(mode: u8) {
         let dir = tempfile::tempdir().unwrap();
-        let b = LocalBackend::new(dir.path());
+        let b = backend(dir.path(), mode);
         assert!(b.put_if_absent("chunks/ab/abcd", b"one").unwrap());
         assert!(b.put_if_absent("snapshots/ff", b"s").unwrap());
         let pending = b.unsynced_dirs.lock().unwrap().clone();
@@ -346,10 +460,9 @@ mod tests {
         assert_eq!(b.get("chunks/ab/abcd").unwrap(), b"one");
     }
 
-    #[test]
-    fn concurrent_puts_of_same_key() {
+    fn concurrent_puts_of_same_key(mode: u8) {
         let dir = tempfile::tempdir().unwrap();
-        let b = Arc::new(LocalBackend::new(dir.path()));
+        let b = Arc::new(backend(dir.path(), mode));
         for round in 0..20 {
             let key = format!("chunks/00/k{round}");
             let barrier = Arc::new(Barrier::new(2));
@@ -368,7 +481,9 @@ mod tests {
             assert_eq!(winners.len(), 1, "{results:?}");
             assert_eq!(b.get(&key).unwrap(), vec![winners[0]; 100_000]);
         }
-        let tmp: Vec<_> = fs::read_dir(dir.path().join(TMP_DIR)).unwrap().collect();
+        let tmp: Vec<_> = fs::read_dir(dir.path().join(TMP_DIR))
+            .map(Iterator::collect)
+            .unwrap_or_default();
         assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
     }
 }
