@@ -8,6 +8,9 @@
 //! - EOF on stdin without `released` (the agent died: the kernel closed the pipe) → thaw;
 //! - no word for `timeout` seconds (freeze exceeded the hard limit) → thaw.
 //!
+//! After a thaw of its own the guard prints `thawed: <why>`; [`ThawGuard::release`] returns that
+//! line so the run can report that the freeze limit fired.
+//!
 //! A thaw of a guest that is not frozen is harmless.
 
 use std::io::{BufRead, BufReader, Write};
@@ -29,6 +32,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct ThawGuard {
     child: Child,
     stdin: Option<ChildStdin>,
+    /// The guard's stdout lines after `ready`.
+    lines: mpsc::Receiver<String>,
 }
 
 impl ThawGuard {
@@ -57,14 +62,25 @@ impl ThawGuard {
         let stdout = child.stdout.take();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            if let Some(out) = stdout {
-                let _ = BufReader::new(out).read_line(&mut line);
+            let Some(out) = stdout else {
+                return;
+            };
+            for line in BufReader::new(out).lines() {
+                let Ok(l) = line else {
+                    return;
+                };
+                if tx.send(l).is_err() {
+                    return;
+                }
             }
-            let _ = tx.send(line);
         });
-        let mut guard = ThawGuard { child, stdin };
-        match rx.recv_timeout(READY_TIMEOUT) {
+        let ready = rx.recv_timeout(READY_TIMEOUT);
+        let mut guard = ThawGuard {
+            child,
+            stdin,
+            lines: rx,
+        };
+        match ready {
             Ok(l) if l.trim() == "ready" => Ok(guard),
             other => {
                 guard.kill();
@@ -81,13 +97,22 @@ impl ThawGuard {
         self.child.id()
     }
 
-    /// The guest is thawed: tell the guard to exit without acting.
-    pub fn release(mut self) {
+    /// The guest is thawed: tell the guard to exit without acting. Returns the guard's report
+    /// (`thawed: <why>`) when it had already thawed the guest on its own (freeze limit).
+    pub fn release(mut self) -> Option<String> {
         if let Some(mut s) = self.stdin.take() {
             let _ = s.write_all(b"released\n");
             let _ = s.flush();
         }
         self.reap();
+        // The guard has exited (or is about to): its stdout ends, and with it the channel.
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(l) if l.starts_with("thawed") => return Some(l),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
     }
 
     fn kill(&mut self) {
@@ -145,9 +170,14 @@ pub fn run(uri: &str, domain: &str, limit: Duration) -> Result<()> {
             Ok(Some(l)) if l.trim() == "released" => return Ok(()),
             Ok(Some(_)) => continue,
             Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break "the agent went away without releasing the freeze"
+                break "the agent went away without releasing the freeze".to_string()
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => break "the freeze exceeded its hard limit",
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                break format!(
+                    "the freeze exceeded its hard limit of {} s (--freeze-limit)",
+                    limit.as_secs()
+                )
+            }
         }
     };
     eprintln!("lifeboat thaw guard: {why}: thawing domain {domain}");
@@ -156,6 +186,8 @@ pub fn run(uri: &str, domain: &str, limit: Duration) -> Result<()> {
         match dom.fs_thaw(&[]) {
             Ok(n) => {
                 eprintln!("lifeboat thaw guard: thawed {n} filesystem(s) of {domain}");
+                println!("thawed: {why}");
+                let _ = std::io::stdout().flush();
                 return Ok(());
             }
             Err(e) => last = Some(e),

@@ -140,12 +140,15 @@ impl VmHost for LibvirtHost {
         if r.success() {
             Ok(())
         } else {
+            let how = match (r.exit_code, r.signal) {
+                (_, Some(sig)) => format!("killed by signal {sig}"),
+                (Some(code), None) => format!("exit status {code}"),
+                (None, None) => "no exit status".to_string(),
+            };
             Err(Error::new(
                 ErrorKind::Source,
                 format!(
-                    "guest command {cmd:?} failed (exit {:?}, signal {:?}): {}",
-                    r.exit_code,
-                    r.signal,
+                    "guest command {cmd:?} failed ({how}): {}",
                     String::from_utf8_lossy(&r.stderr).trim()
                 ),
             ))
@@ -161,10 +164,12 @@ impl VmHost for LibvirtHost {
         Ok(())
     }
 
-    fn release_guard(&self) {
-        if let Some(g) = self.guard.lock().ok().and_then(|mut s| s.take()) {
-            g.release();
-        }
+    fn release_guard(&self) -> Option<String> {
+        self.guard
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .and_then(|g| g.release())
     }
 
     fn freeze(&self, mountpoints: &[String]) -> Result<u32> {

@@ -45,8 +45,9 @@ pub trait VmHost: Send + Sync + 'static {
     fn guest_exec(&self, cmd: &str) -> Result<()>;
     /// Start the out-of-process thaw guard (see `vm::guard`) before freezing.
     fn arm_guard(&self) -> Result<()>;
-    /// Tell the guard the guest is thawed; it exits without doing anything.
-    fn release_guard(&self);
+    /// Tell the guard the guest is thawed; it exits without doing anything. Returns the guard's
+    /// report when it had already thawed the guest on its own (the freeze limit fired).
+    fn release_guard(&self) -> Option<String>;
     /// Freeze guest filesystems (all when `mountpoints` is empty); returns how many.
     fn freeze(&self, mountpoints: &[String]) -> Result<u32>;
     /// Thaw all guest filesystems.
@@ -181,7 +182,9 @@ impl<H: VmHost> Cleanup<H> {
             }
         }
         if self.guard_armed && !self.frozen {
-            self.host.release_guard();
+            if let Some(r) = self.host.release_guard() {
+                self.warn(guard_fired(&r));
+            }
             self.guard_armed = false;
         }
         err
@@ -336,6 +339,20 @@ async fn steps<H: VmHost, T: Transfer>(
 
     if g.frozen {
         facts.freeze_status_at_begin = call(&host, |h| h.freeze_status()).await.ok();
+        if facts.freeze_status_at_begin.as_deref() == Some("thawed") && quiesce.is_ok() {
+            // Thawed before the job's point in time (the freeze limit fired during the freeze
+            // or the job start): the data is not known to be quiesced.
+            let why = "the guest was no longer frozen when the backup job began (freeze limit \
+                       reached?)";
+            if opts.quiesce == QuiescePolicy::Required {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    format!("--quiesce required: {why}; nothing was committed"),
+                ));
+            }
+            g.warn(format!("{why}: the backup is crash-consistent"));
+            quiesce = Err(why.to_string());
+        }
         if let Some(d) = opts.pause_while_frozen {
             tokio::time::sleep(d).await;
         }
@@ -403,14 +420,20 @@ async fn call_thaw<H: VmHost>(g: &mut Cleanup<H>) -> Option<Error> {
         }
     }
     if g.guard_armed {
-        let _ = call(&g.host, |h| {
-            h.release_guard();
-            Ok(())
-        })
-        .await;
+        if let Ok(Some(r)) = call(&g.host, |h| Ok(h.release_guard())).await {
+            g.warn(guard_fired(&r));
+        }
         g.guard_armed = false;
     }
     None
+}
+
+/// The warning when the thaw guard thawed the guest on its own (`report`: its `thawed: …` line).
+fn guard_fired(report: &str) -> String {
+    format!(
+        "the freeze limit fired: the thaw guard thawed the guest before the agent did: {}",
+        report.trim_start_matches("thawed:").trim()
+    )
 }
 
 async fn call_post_thaw<H: VmHost>(g: &mut Cleanup<H>) -> Option<Error> {
@@ -430,6 +453,10 @@ mod tests {
         calls: Mutex<Vec<String>>,
         fail: Option<&'static str>,
         no_agent: bool,
+        /// `guest-fsfreeze-status` after the job began (default "frozen").
+        status: Option<&'static str>,
+        /// What the guard reports on release (it thawed on its own).
+        guard_report: Option<&'static str>,
     }
 
     impl Fake {
@@ -460,8 +487,9 @@ mod tests {
         fn arm_guard(&self) -> Result<()> {
             self.step("arm")
         }
-        fn release_guard(&self) {
+        fn release_guard(&self) -> Option<String> {
             let _ = self.step("release");
+            self.guard_report.map(String::from)
         }
         fn freeze(&self, _: &[String]) -> Result<u32> {
             self.step("freeze").map(|_| 1)
@@ -470,7 +498,8 @@ mod tests {
             self.step("thaw").map(|_| 1)
         }
         fn freeze_status(&self) -> Result<String> {
-            self.step("status").map(|_| "frozen".into())
+            self.step("status")
+                .map(|_| self.status.unwrap_or("frozen").into())
         }
         fn begin_backup(&self, _: &BackupSpec) -> Result<()> {
             self.step("begin")
@@ -653,6 +682,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The guard thawed on its own after the job began: still application-consistent, with a
+    /// warning naming the freeze limit.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn guard_thaw_after_begin_is_reported() {
+        let host = Arc::new(Fake {
+            guard_report: Some("thawed: the freeze exceeded its hard limit of 3 s"),
+            ..Fake::default()
+        });
+        let mut t = FakeTransfer::default();
+        let r = run(host, &opts(QuiescePolicy::Auto), spec(), &mut t)
+            .await
+            .unwrap();
+        assert_eq!(r.facts.quiesce, "application-consistent");
+        assert!(
+            r.facts
+                .warnings
+                .iter()
+                .any(|w| w.contains("freeze limit fired") && w.contains("hard limit of 3 s")),
+            "{:?}",
+            r.facts.warnings
+        );
+    }
+
+    /// Thawed before the job began (status "thawed" right after it): crash-consistent with a
+    /// reason under `auto`; a failure, nothing committed, under `required`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn thawed_at_begin_is_not_application_consistent() {
+        let f = || Fake {
+            status: Some("thawed"),
+            ..Fake::default()
+        };
+        let host = Arc::new(f());
+        let mut t = FakeTransfer::default();
+        let r = run(host, &opts(QuiescePolicy::Auto), spec(), &mut t)
+            .await
+            .unwrap();
+        assert!(
+            r.facts
+                .quiesce
+                .starts_with("crash-consistent: the guest was no longer frozen"),
+            "{}",
+            r.facts.quiesce
+        );
+        let (ok, calls, committed) = go(f(), None, QuiescePolicy::Required).await;
+        assert!(!ok && !committed, "{calls:?}");
+        assert!(pos(&calls, "end").is_some() && pos(&calls, "delete lifeboat-new").is_some());
+        assert!(pos(&calls, "thaw").is_some() && pos(&calls, "post").is_some());
     }
 
     #[tokio::test(flavor = "multi_thread")]
