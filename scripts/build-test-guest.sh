@@ -13,7 +13,8 @@
 # Guest behaviour (see the /init written below): mounts every /dev/vd? holding ext4 at
 # /mnt/<vdX>, prints LIFEBOAT-GUEST-READY on the serial console (ttyS0), and runs qemu-ga on the
 # virtio-serial port named org.qemu.guest_agent.0 (restarting it if it exits). `guest-shutdown`
-# (virsh shutdown --mode agent) unmounts the data disks and powers off.
+# (virsh shutdown --mode agent) unmounts the data disks and powers off. A guest booted through
+# UEFI has the firmware's variables at /sys/firmware/efi/efivars (efivarfs).
 set -eu
 
 OUTDIR=${1:-}
@@ -148,6 +149,16 @@ while read -r rel; do
     echo "$name" >>modules/load-order
 done <"$ORDER"
 log "modules: $(tr '\n' ' ' <modules/load-order)"
+# efivarfs only loads on UEFI firmware: kept out of the load order, /init loads and mounts it at
+# /sys/firmware/efi/efivars when the guest booted through UEFI (tests write UEFI variables).
+p=$(modpath efivarfs)
+case $p in
+    "") grep -q "/efivarfs.ko" "$MODDIR/modules.builtin" 2>/dev/null || die "module efivarfs not found" ;;
+    *.ko.xz) xz -dc "$MODDIR/$p" >modules/efivarfs.ko ;;
+    *.ko.zst) zstd -qdc "$MODDIR/$p" >modules/efivarfs.ko ;;
+    *.ko.gz) gzip -dc "$MODDIR/$p" >modules/efivarfs.ko ;;
+    *) cp "$MODDIR/$p" modules/efivarfs.ko ;;
+esac
 
 cat >init <<'INIT'
 #!/bin/sh
@@ -162,6 +173,11 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 while read -r m; do
     insmod "/modules/$m" 2>/dev/null || echo "lifeboat-guest: insmod $m failed"
 done </modules/load-order
+if [ -d /sys/firmware/efi ]; then
+    [ -f /modules/efivarfs.ko ] && insmod /modules/efivarfs.ko
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars ||
+        echo "lifeboat-guest: cannot mount efivarfs"
+fi
 
 # wait (up to 5 s) for the virtio devices to appear
 i=0

@@ -20,6 +20,7 @@ cpio
 gzip
 e2fsprogs
 linux-image-amd64
+ovmf
 pkg-config
 python3
 util-linux

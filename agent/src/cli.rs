@@ -378,7 +378,7 @@ pub struct RestoreArgs {
     /// Only this disk (repeatable).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
-    /// Output format (default: the disk's original format).
+    /// Output format of the disks (default: each disk's original format; the NVRAM stays raw).
     #[arg(long, value_enum)]
     pub format: Option<ImageFormat>,
     /// Replace existing files at the target (and, with --define, a domain of the same name).

@@ -65,6 +65,12 @@ pub struct VmOptions {
     /// (virtio-serial port `org.lifeboat.qga.direct`), for talking to the agent without
     /// libvirt (guest-quiesce's `UnixSocketTransport`).
     pub direct_agent: bool,
+    /// Boot through UEFI firmware (`<os firmware='efi'>`: libvirt picks OVMF from package
+    /// `ovmf`, no secure boot) instead of SeaBIOS, with the per-VM variable store (NVRAM) at
+    /// [`TestVm::nvram_path`], created by libvirt from OVMF's template at the first start. The
+    /// kernel and initramfs are still loaded directly (OVMF boots the kernel's EFI stub); the
+    /// guest mounts efivarfs at `/sys/firmware/efi/efivars`.
+    pub uefi: bool,
 }
 
 impl Default for VmOptions {
@@ -74,6 +80,7 @@ impl Default for VmOptions {
             disks: Vec::new(),
             memory_mib: 384,
             direct_agent: false,
+            uefi: false,
         }
     }
 }
@@ -349,13 +356,21 @@ impl TestVm {
         } else {
             String::new()
         };
+        let (firmware, nvram) = if self.options.uefi {
+            (
+                " firmware='efi'",
+                format!("\n    <nvram>{}</nvram>", esc(&self.nvram_path())),
+            )
+        } else {
+            ("", String::new())
+        };
         Ok(format!(
             "<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{mem}</memory>
   <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
+  <os{firmware}>
+    <type arch='x86_64' machine='pc'>hvm</type>{nvram}
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
     <cmdline>console=ttyS0 quiet panic=-1</cmdline>
@@ -444,6 +459,12 @@ impl TestVm {
             .map(|d| d.format.as_str())
             .unwrap_or("img");
         self.dir.join(format!("{target}.{fmt}"))
+    }
+
+    /// The UEFI variable store of a [`VmOptions::uefi`] domain (`<dir>/VARS.fd`; exists once
+    /// the domain has started).
+    pub fn nvram_path(&self) -> PathBuf {
+        self.dir.join("VARS.fd")
     }
 
     /// Unix socket of the direct agent ([`VmOptions::direct_agent`]).

@@ -20,7 +20,7 @@ use vmdisk::nbd::{BlockSource, Piece, Server, ServerOptions};
 use vmdisk::qemu::{self, ConvertOptions};
 
 use super::{emit, human_bytes, mb_per_s};
-use crate::cli::{GlobalOpts, RestoreArgs};
+use crate::cli::{GlobalOpts, ImageFormat, RestoreArgs};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 use crate::pipeline::chunk_range;
 use crate::pipeline::progress::Progress;
@@ -330,6 +330,15 @@ pub fn select_disks<'a>(m: &'a Manifest, wanted: &[String]) -> Result<Vec<&'a Di
         .collect()
 }
 
+/// The format disk `d` is restored in: `--format` if given, else its original format. The NVRAM
+/// entry always keeps its own (raw) format: firmware reads the variable store as a plain file.
+pub fn target_format(m: &Manifest, d: &DiskEntry, wanted: Option<ImageFormat>) -> String {
+    match wanted {
+        Some(f) if d.name != crate::relocate::nvram_entry(m) => f.as_str().to_string(),
+        _ => d.format.clone(),
+    }
+}
+
 /// `lifeboat restore`
 pub async fn run(global: &GlobalOpts, args: RestoreArgs) -> Result<()> {
     let repo = repo::open_async(global).await?;
@@ -348,10 +357,7 @@ pub async fn run(global: &GlobalOpts, args: RestoreArgs) -> Result<()> {
                 format!("refusing disk name '{}' as a file name", d.name),
             ));
         }
-        let format = args
-            .format
-            .map(|f| f.as_str().to_string())
-            .unwrap_or_else(|| d.format.clone());
+        let format = target_format(&manifest, d, args.format);
         let target = args.to.join(format!("{}.{format}", d.name));
         if target.exists() && !args.force {
             return Err(Error::new(
@@ -468,4 +474,42 @@ async fn prepare_define(
         crate::relocate::network_policy(&args.network),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repo_format::{BackupMode, IndexId, SnapshotKind};
+
+    fn entry(name: &str, format: &str) -> DiskEntry {
+        DiskEntry {
+            name: name.into(),
+            virtual_size: 1 << 20,
+            format: format.into(),
+            chunk_size: 1 << 20,
+            index: IndexId::from_bytes([1; 32]),
+            source: None,
+            qemu_img_info: None,
+            create_options: Default::default(),
+            backup_mode: BackupMode::Full,
+            bytes_read: 0,
+            bytes_new: 0,
+            chunks_new: 0,
+            cbt: None,
+        }
+    }
+
+    #[test]
+    fn format_option_applies_to_disks_not_to_the_nvram() {
+        let mut m = Manifest::new("web", SnapshotKind::Vm, "h", jiff::Timestamp::UNIX_EPOCH);
+        m.disks = vec![entry("vda", "raw"), entry("nvram", "raw")];
+        m.metadata.insert("nvram_entry".into(), "nvram".into());
+        let q = Some(ImageFormat::Qcow2);
+        assert_eq!(target_format(&m, &m.disks[0], q), "qcow2");
+        assert_eq!(target_format(&m, &m.disks[1], q), "raw");
+        assert_eq!(target_format(&m, &m.disks[0], None), "raw");
+        // Without the metadata key the entry named `nvram` is the NVRAM.
+        m.metadata.clear();
+        assert_eq!(target_format(&m, &m.disks[1], q), "raw");
+    }
 }
