@@ -11,6 +11,8 @@
 //! - [`SecondHost`]: a second libvirtd in its own mount namespace (its own domains and state);
 //!   [`SecondHost::restart`] restarts it with its guests running (libvirtd-restart tests, without
 //!   touching the system daemon). Its guests boot their own copy of the kernel and initramfs.
+//! - [`TestRepo`]: an unencrypted repository in a temporary directory, and the `lifeboat`
+//!   commands run against it.
 //! - [`check_ext4`] / [`read_file_from_ext4`]: host-side checks of disk images.
 //!
 //! Tests need root and fail (never skip) with a message naming `scripts/install-deps.sh` when a
@@ -20,6 +22,7 @@ mod bin;
 mod cmd;
 mod env;
 mod ext4;
+mod repo;
 mod second_host;
 mod slots;
 mod vm;
@@ -30,6 +33,7 @@ pub use env::{
     ensure_libvirt, require_root, test_guest, GuestFiles, DOMAIN_PREFIX, SYSTEM_URI, VM_ROOT,
 };
 pub use ext4::{check_ext4, image_format, read_file_from_ext4};
+pub use repo::TestRepo;
 pub use second_host::SecondHost;
 pub use slots::{acquire_slot, GuestSlot};
 pub use vm::{remove_domain, DiskSpec, ExecOutput, TestVm, VirshTransport, VmOptions};

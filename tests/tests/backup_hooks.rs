@@ -12,50 +12,25 @@
 //! 4. `--freeze-mountpoint /mnt/vda`: only that filesystem is frozen; writes to /mnt/vdb proceed
 //!    while writes to /mnt/vda block until the thaw.
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use guest_quiesce::{Agent, UnixSocketTransport};
 use lifeboat_e2e::{
-    check_ext4, lifeboat_bin, read_file_from_ext4, virsh, wait_until, DiskSpec, TestVm, VmOptions,
+    check_ext4, read_file_from_ext4, virsh, wait_until, DiskSpec, TestRepo, TestVm, VmOptions,
 };
 use serde_json::Value;
 
 const PAUSE_WHILE_FROZEN: &str = "LIFEBOAT_TEST_PAUSE_WHILE_FROZEN";
 
-struct Repo {
-    dir: tempfile::TempDir,
+/// What these tests run against a [`TestRepo`] besides its own commands.
+trait RepoExt {
+    fn spawn_backup(&self, vm: &TestVm, extra: &[&str], pause: Option<u64>) -> Result<Child>;
+    fn restore_disk(&self, snap: &str, d: &str) -> Result<(tempfile::TempDir, std::path::PathBuf)>;
 }
 
-impl Repo {
-    fn new() -> Result<Repo> {
-        let dir = tempfile::Builder::new()
-            .prefix("lifeboat-hooks-repo-")
-            .tempdir_in("/var/tmp")?;
-        let r = Repo { dir };
-        let o = r.cmd(&["repo", "init", "--encryption", "none"]).output()?;
-        ensure!(
-            o.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(r)
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(lifeboat_bin().expect("lifeboat binary"));
-        c.arg("--repo").arg(self.path()).args(args);
-        c.env_remove("LIFEBOAT_TEST_PAUSE_AFTER_BEGIN")
-            .env_remove(PAUSE_WHILE_FROZEN);
-        c
-    }
-
+impl RepoExt for TestRepo {
     /// `backup --json VM EXTRA…`, optionally paused `pause` seconds while frozen, in the
     /// background.
     fn spawn_backup(&self, vm: &TestVm, extra: &[&str], pause: Option<u64>) -> Result<Child> {
@@ -68,27 +43,9 @@ impl Repo {
         Ok(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
     }
 
-    fn snapshot_count(&self) -> Result<usize> {
-        let o = self.cmd(&["snapshots", "--json"]).output()?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: Value = serde_json::from_slice(&o.stdout)?;
-        Ok(v.as_array()
-            .or_else(|| v["snapshots"].as_array())
-            .map_or(0, |a| a.len()))
-    }
-
     /// Restores `snap` and returns the directory and the restored image of disk `d`.
     fn restore_disk(&self, snap: &str, d: &str) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
-        let to = tempfile::Builder::new()
-            .prefix("lifeboat-hooks-restore-")
-            .tempdir_in("/var/tmp")?;
-        let out = to.path().join("out");
-        let o = self.cmd(&["restore", snap, "--to"]).arg(&out).output()?;
-        ensure!(
-            o.status.success(),
-            "restore {snap}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let (to, out) = self.restore(snap, "lifeboat-hooks-restore-")?;
         let img = std::fs::read_dir(&out)?
             .flatten()
             .map(|e| e.path())
@@ -224,7 +181,7 @@ fn pre_post_hooks_freeze_limit_and_mountpoints() -> Result<()> {
         Ok(direct.ping().is_ok().then_some(()))
     })
     .context("direct agent did not answer")?;
-    let repo = Repo::new()?;
+    let repo = TestRepo::new("lifeboat-hooks-repo-")?;
     vm.exec_ok("mkdir -p /tmp && rm -f /tmp/hook-* /mnt/vda/*.mark")?;
 
     // 1. Pre-freeze and post-thaw hooks, in order around a 10 s frozen window (all filesystems

@@ -16,35 +16,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use lifeboat_e2e::{
-    check_ext4, lifeboat_bin, read_file_from_ext4, virsh, DiskSpec, SecondHost, TestVm,
+    check_ext4, read_file_from_ext4, virsh, DiskSpec, SecondHost, TestRepo, TestVm,
 };
 use serde_json::Value;
 
+/// A [`TestRepo`] whose backups go to the libvirt at `uri`.
 struct Repo {
-    dir: tempfile::TempDir,
+    repo: TestRepo,
     uri: String,
 }
 
 impl Repo {
     fn new(uri: &str) -> Result<Repo> {
-        let dir = tempfile::Builder::new()
-            .prefix("lifeboat-lvrestart-repo-")
-            .tempdir_in("/var/tmp")?;
-        let r = Repo {
-            dir,
+        Ok(Repo {
+            repo: TestRepo::new("lifeboat-lvrestart-repo-")?,
             uri: uri.to_owned(),
-        };
-        let o = r.cmd(&["repo", "init", "--encryption", "none"])?.output()?;
-        ensure!(o.status.success(), "init: {}", stderr(&o));
-        Ok(r)
+        })
     }
 
     fn cmd(&self, args: &[&str]) -> Result<Command> {
-        let mut c = Command::new(lifeboat_bin()?);
-        c.arg("--repo").arg(self.dir.path()).args(args);
-        c.env_remove("LIFEBOAT_TEST_PAUSE_AFTER_BEGIN")
-            .env_remove("LIFEBOAT_TEST_PAUSE_WHILE_FROZEN");
-        Ok(c)
+        Ok(self.repo.cmd(args))
     }
 
     fn backup_cmd(&self, vm: &TestVm) -> Result<Command> {
@@ -63,14 +54,9 @@ impl Repo {
     }
 
     fn snapshots(&self) -> Result<Vec<String>> {
-        let o = self.cmd(&["snapshots", "--json"])?.output()?;
-        ensure!(o.status.success(), "snapshots: {}", stderr(&o));
-        let v: Value = serde_json::from_slice(&o.stdout)?;
-        let list = v
-            .as_array()
-            .or_else(|| v["snapshots"].as_array())
-            .context("snapshot list")?;
-        Ok(list
+        Ok(self
+            .repo
+            .snapshots()?
             .iter()
             .filter_map(|s| s["id"].as_str().or_else(|| s["snapshot"].as_str()))
             .map(str::to_owned)
@@ -79,15 +65,8 @@ impl Repo {
 
     /// Restores `snap` and checks vda is a clean ext4 holding `files` (path, contents).
     fn check_restore(&self, snap: &str, files: &[(&str, &[u8])]) -> Result<()> {
-        let to = tempfile::Builder::new()
-            .prefix("lifeboat-lvrestart-restore-")
-            .tempdir_in("/var/tmp")?;
-        let o = self
-            .cmd(&["restore", snap, "--to"])?
-            .arg(to.path())
-            .output()?;
-        ensure!(o.status.success(), "restore {snap}: {}", stderr(&o));
-        let img = to.path().join("vda.qcow2");
+        let (_to, out) = self.repo.restore(snap, "lifeboat-lvrestart-restore-")?;
+        let img = out.join("vda.qcow2");
         check_ext4(&img).with_context(|| format!("snapshot {snap}"))?;
         for (path, data) in files {
             ensure!(

@@ -7,49 +7,24 @@
 //! (that disk only). One guest with two disks (qcow2 + raw, a third qcow2 hot-plugged at the end)
 //! serves all steps.
 
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use lifeboat_e2e::{
-    check_ext4, lifeboat_bin, read_file_from_ext4, virsh, wait_until, DiskSpec, TestVm,
+    check_ext4, read_file_from_ext4, virsh, wait_until, DiskSpec, TestRepo, TestVm,
 };
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-struct Repo {
-    dir: tempfile::TempDir,
+/// What these tests run against a [`TestRepo`] besides its own commands.
+trait RepoExt {
+    fn backup(&self, vm: &TestVm, extra: &[&str]) -> Result<Value>;
+    fn restore_dir(&self, snap: &str) -> Result<tempfile::TempDir>;
 }
 
-impl Repo {
-    fn new() -> Result<Repo> {
-        let dir = tempfile::Builder::new()
-            .prefix("lifeboat-vm-repo-")
-            .tempdir_in("/var/tmp")?;
-        let r = Repo { dir };
-        let o = r.cmd(&["repo", "init", "--encryption", "none"]).output()?;
-        ensure!(
-            o.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(r)
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(lifeboat_bin().expect("lifeboat binary"));
-        c.arg("--repo").arg(self.path()).args(args);
-        c.env_remove("LIFEBOAT_TEST_PAUSE_AFTER_BEGIN")
-            .env_remove("LIFEBOAT_TEST_PAUSE_WHILE_FROZEN");
-        c
-    }
-
+impl RepoExt for TestRepo {
     fn backup(&self, vm: &TestVm, extra: &[&str]) -> Result<Value> {
         let mut args = vec!["backup", "--json", &vm.name];
         args.extend_from_slice(extra);
@@ -63,29 +38,9 @@ impl Repo {
         Ok(serde_json::from_slice(&o.stdout)?)
     }
 
-    fn snapshot_count(&self) -> Result<usize> {
-        let o = self.cmd(&["snapshots", "--json"]).output()?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: Value = serde_json::from_slice(&o.stdout)?;
-        Ok(v.as_array()
-            .or_else(|| v["snapshots"].as_array())
-            .map_or(0, |a| a.len()))
-    }
-
-    fn restore(&self, snap: &str) -> Result<tempfile::TempDir> {
-        let to = tempfile::Builder::new()
-            .prefix("lifeboat-vm-restore-")
-            .tempdir_in("/var/tmp")?;
-        let o = self
-            .cmd(&["restore", snap, "--to"])
-            .arg(to.path().join("out"))
-            .output()?;
-        ensure!(
-            o.status.success(),
-            "restore {snap}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(to)
+    /// Restores `snap` into `TEMP/out` and returns `TEMP`.
+    fn restore_dir(&self, snap: &str) -> Result<tempfile::TempDir> {
+        Ok(self.restore(snap, "lifeboat-vm-restore-")?.0)
     }
 }
 
@@ -112,8 +67,8 @@ fn md5(data: &[u8]) -> Result<String> {
 }
 
 /// Restores `snap` and checks each ext4 disk is clean and holds `files` (disk, path, md5).
-fn check_restore(repo: &Repo, snap: &str, files: &[(&str, &str, &str)]) -> Result<()> {
-    let dir = repo.restore(snap)?;
+fn check_restore(repo: &TestRepo, snap: &str, files: &[(&str, &str, &str)]) -> Result<()> {
+    let dir = repo.restore_dir(snap)?;
     let out = dir.path().join("out");
     for (d, path, sum) in files {
         let img = std::fs::read_dir(&out)?
@@ -165,7 +120,7 @@ fn wait_thawed(vm: &TestVm, within: Duration) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-fn spawn_paused(repo: &Repo, vm: &TestVm, env: &str, secs: &str) -> Result<Child> {
+fn spawn_paused(repo: &TestRepo, vm: &TestVm, env: &str, secs: &str) -> Result<Child> {
     Ok(repo
         .cmd(&["backup", "--json", &vm.name])
         .env(env, secs)
@@ -197,7 +152,7 @@ fn live_backup_incremental_failures_and_shut_off() -> Result<()> {
     )?;
     vm.start()?;
     vm.wait_agent(Duration::from_secs(120))?;
-    let repo = Repo::new()?;
+    let repo = TestRepo::new("lifeboat-vm-repo-")?;
     let mut files: Vec<(String, String, String)> = Vec::new();
 
     // 1. Full.
