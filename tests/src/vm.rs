@@ -450,6 +450,19 @@ impl TestVm {
         Ok(())
     }
 
+    /// Lifeboat's per-run directories of this domain (`/run/lifeboat/<domain>.<pid>`: NBD
+    /// sockets of a backup job) that still exist; empty when every run cleaned up.
+    pub fn lifeboat_run_dirs(&self) -> Vec<PathBuf> {
+        let prefix = format!("{}.", self.name);
+        std::fs::read_dir("/run/lifeboat")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    }
+
     /// Path of the image of disk `target` (`<dir>/<target>.<format>`).
     pub fn disk_path(&self, target: &str) -> PathBuf {
         let fmt = self

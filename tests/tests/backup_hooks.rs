@@ -87,16 +87,7 @@ fn no_leftovers(vm: &TestVm) -> Result<()> {
         job.contains("None") || job.trim().is_empty(),
         "job left: {job}"
     );
-    let runs: Vec<_> = std::fs::read_dir("/run/lifeboat")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{}.", vm.name))
-        })
-        .collect();
+    let runs = vm.lifeboat_run_dirs();
     ensure!(runs.is_empty(), "socket dirs left: {runs:?}");
     Ok(())
 }

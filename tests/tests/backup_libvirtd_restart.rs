@@ -92,17 +92,7 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 fn no_leftovers(vm: &TestVm) -> Result<()> {
     let job = virsh(&vm.uri, &["domjobinfo", &vm.name])?;
     ensure!(!job.contains("Backup"), "backup job left: {job}");
-    let runs: Vec<_> = std::fs::read_dir("/run/lifeboat")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{}.", vm.name))
-        })
-        .map(|e| e.path())
-        .collect();
+    let runs = vm.lifeboat_run_dirs();
     ensure!(runs.is_empty(), "socket dirs left: {runs:?}");
     let scratch = Path::new("/var/lib/lifeboat/scratch").join(&vm.name);
     let files: Vec<_> = std::fs::read_dir(&scratch)
