@@ -7,6 +7,7 @@ use lifeboat::cli::Cli;
 use lifeboat::error::{format_chain, Error, ErrorKind};
 
 fn main() -> ExitCode {
+    keep_freed_buffers();
     let cli = Cli::parse();
     lifeboat::logging::init(cli.global.verbose, cli.global.json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -36,6 +37,26 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("{}", format_chain(&e));
             ExitCode::from(e.kind().exit_code())
+        }
+    }
+}
+
+/// The data path allocates and frees buffers of about a chunk (1 MiB by default) per chunk:
+/// NBD replies, compressed objects, decompressed chunks. With glibc's defaults each of them is
+/// above the (dynamic) mmap threshold or is trimmed back to the kernel when freed, so every page
+/// of every buffer is a fresh, zeroed page fault (≈ 60 % of the process's page faults in a full
+/// backup; see docs/BENCHMARKS.md). Serve allocations below 32 MiB from the heap and trim only
+/// above 64 MiB free, so that freed buffers are reused. Peak memory stays bounded by the chunks
+/// in flight. The same settings are given to the qemu-nbd processes Lifeboat starts.
+#[allow(unsafe_code)]
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes glibc allocator parameters; it is called first thing in
+        // main, before any other thread exists or any allocation depends on the old values.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
         }
     }
 }
