@@ -266,7 +266,7 @@ pub fn round(
     // Instant restore of A's incremental snapshot into a new domain.
     eprintln!("  live: instant-restore...");
     instant_restore(ctx, &repo, &snapshot, &mut facts, rep)?;
-    rm(&repo);
+    ctx.discard(&repo);
 
     // Domain B: virtnbdbackup on an identical fresh disk.
     if with_virtnbdbackup {

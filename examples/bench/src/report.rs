@@ -85,6 +85,8 @@ pub struct Report {
     pub parallel: Option<(f64, Vec<u64>)>,
     /// Load averages along the run.
     pub loads: Vec<String>,
+    /// The repositories' chunk size, e.g. "1 MiB".
+    pub chunk_label: String,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
     cpu: Option<Ceilings>,
@@ -138,6 +140,7 @@ impl Report {
             sparse_dirty: 0,
             parallel: None,
             loads: Vec::new(),
+            chunk_label: "1 MiB".into(),
             live: None,
             results: BTreeMap::new(),
             cpu: None,
@@ -246,10 +249,10 @@ impl Report {
         let _ = writeln!(
             s,
             "- Best of {} interleaved round(s); image in the page cache for every reader; repository \
-             encrypted (key file), 1 MiB chunks, zstd 3. Durability: Lifeboat fsyncs what it \
+             encrypted (key file), {} chunks, zstd 3. Durability: Lifeboat fsyncs what it \
              writes (objects, restored image); `qemu-img convert` is followed by `sync FILE`; \
              nbdcopy writes nothing. MB/s = 10^6 bytes/s.",
-            self.rounds
+            self.rounds, self.chunk_label
         );
         let _ = writeln!(s);
 
@@ -295,8 +298,9 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| (CPU ceilings measured in-process on {} of the image's non-zero 1 MiB chunks) | |",
-                size_h(self.sample_bytes)
+                "| (CPU ceilings measured in-process on {} of the image's non-zero {} chunks) | |",
+                size_h(self.sample_bytes),
+                self.chunk_label
             );
         }
         for fmt in ["qcow2", "raw"] {
@@ -624,9 +628,10 @@ impl Report {
             max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
             let _ = writeln!(
                 s,
-                "| `lifeboat backup` incremental, {} dirty (read {}: the allocated data of the 1 MiB chunks holding a dirty block; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
+                "| `lifeboat backup` incremental, {} dirty (read {}: the allocated data of the {} chunks holding a dirty block; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
                 size_h(f.dirty),
                 size_h(f.incr_read),
+                self.chunk_label,
                 minmax(&f.incr_disk_secs),
                 b.secs,
                 mb(v, b.secs),
