@@ -12,24 +12,29 @@ const HEADER_LEN: usize = 4 + 1 + 3 + 4 + 8 + 8;
 /// The map of a disk onto chunks.
 ///
 /// Entry `i` covers bytes `[i * chunk_size, min((i + 1) * chunk_size, disk_size))`; the last
-/// chunk of a disk whose size is not a multiple of `chunk_size` is short. `None` means the block
-/// is all zeros and no chunk is stored for it.
+/// chunk of a disk whose size is not a multiple of `chunk_size` is short. An entry is either a
+/// stored chunk or zero (the block is all zeros and no chunk is stored for it).
+///
+/// In memory only the stored entries are kept, sorted by position: the index of a sparse
+/// terabyte disk costs what its data costs (40 bytes per stored chunk), not 33 bytes per chunk of
+/// the virtual size, so that memory follows the data a disk holds and not its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskIndex {
     /// Chunk size in bytes (non-zero).
     pub chunk_size: u32,
     /// Virtual size of the disk in bytes.
     pub disk_size: u64,
-    /// One entry per chunk: `ceil(disk_size / chunk_size)` entries.
-    pub entries: Vec<Option<ChunkId>>,
+    /// The stored entries: (entry number, chunk), strictly increasing entry numbers, each below
+    /// [`DiskIndex::len`]. Every entry not listed is zero.
+    stored: Vec<(u64, ChunkId)>,
 }
 
 impl DiskIndex {
     /// Largest number of entries accepted (2^28: 16 TiB at 64 KiB chunks, 256 TiB at 1 MiB),
-    /// so a forged index cannot make the decoder allocate without bound.
+    /// so that a forged index cannot declare an absurd disk.
     pub const MAX_ENTRIES: u64 = 1 << 28;
 
-    /// An index of an all-zero disk (every entry `None`).
+    /// An index of an all-zero disk (every entry zero).
     pub fn new_sparse(chunk_size: u32, disk_size: u64) -> Result<DiskIndex> {
         let n = Self::entry_count(chunk_size, disk_size)?;
         if n > Self::MAX_ENTRIES {
@@ -37,12 +42,36 @@ impl DiskIndex {
                 "disk of {disk_size} bytes has too many chunks of {chunk_size} bytes"
             )));
         }
-        let n = usize::try_from(n).map_err(|_| Error::invalid("index too large"))?;
         Ok(DiskIndex {
             chunk_size,
             disk_size,
-            entries: vec![None; n],
+            stored: Vec::new(),
         })
+    }
+
+    /// An index from one entry per chunk (`None` = zero); fails unless there are exactly
+    /// `ceil(disk_size / chunk_size)` entries.
+    pub fn from_entries(
+        chunk_size: u32,
+        disk_size: u64,
+        entries: impl IntoIterator<Item = Option<ChunkId>>,
+    ) -> Result<DiskIndex> {
+        let mut idx = Self::new_sparse(chunk_size, disk_size)?;
+        let mut n: u64 = 0;
+        for e in entries {
+            if let Some(id) = e {
+                idx.stored.push((n, id));
+            }
+            n += 1;
+        }
+        if n != idx.len() {
+            return Err(Error::invalid(format!(
+                "{n} entries given, but a disk of {disk_size} bytes in chunks of {chunk_size} \
+                 needs {}",
+                idx.len()
+            )));
+        }
+        Ok(idx)
     }
 
     /// `ceil(disk_size / chunk_size)`; `chunk_size` must be non-zero.
@@ -53,15 +82,111 @@ impl DiskIndex {
         Ok(disk_size.div_ceil(u64::from(chunk_size)))
     }
 
-    /// Checks that the number of entries matches the disk and chunk sizes.
+    /// Number of entries (chunks covering the disk, stored or zero).
+    pub fn len(&self) -> u64 {
+        if self.chunk_size == 0 {
+            return 0;
+        }
+        self.disk_size.div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// Whether the disk has no entries at all (size 0).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The chunk stored for entry `i`; `None` if the entry is zero or beyond the disk.
+    pub fn get(&self, i: u64) -> Option<ChunkId> {
+        self.stored
+            .binary_search_by_key(&i, |&(n, _)| n)
+            .ok()
+            .map(|k| self.stored[k].1)
+    }
+
+    /// The stored entries, (entry number, chunk), by increasing entry number.
+    pub fn stored(&self) -> &[(u64, ChunkId)] {
+        &self.stored
+    }
+
+    /// Sets entry `i` (`None` = zero). Fails if `i` is beyond the disk. O(stored entries) when
+    /// it adds or removes an entry: to change many, use [`DiskIndex::with_updates`].
+    pub fn set(&mut self, i: u64, entry: Option<ChunkId>) -> Result<()> {
+        if i >= self.len() {
+            return Err(Error::invalid(format!(
+                "entry {i} is beyond the {} entries of this index",
+                self.len()
+            )));
+        }
+        match (self.stored.binary_search_by_key(&i, |&(n, _)| n), entry) {
+            (Ok(k), Some(id)) => self.stored[k].1 = id,
+            (Ok(k), None) => {
+                self.stored.remove(k);
+            }
+            (Err(k), Some(id)) => self.stored.insert(k, (i, id)),
+            (Err(_), None) => {}
+        }
+        Ok(())
+    }
+
+    /// This index with `updates` applied ((entry number, `None` = zero), any order; a later
+    /// update of the same entry wins), in one merge. Fails if an entry is beyond the disk.
+    pub fn with_updates(&self, mut updates: Vec<(u64, Option<ChunkId>)>) -> Result<DiskIndex> {
+        let len = self.len();
+        if let Some(&(i, _)) = updates.iter().find(|(i, _)| *i >= len) {
+            return Err(Error::invalid(format!(
+                "entry {i} is beyond the {len} entries of this index"
+            )));
+        }
+        // Stable sort, then keep the last update of each entry.
+        updates.sort_by_key(|&(i, _)| i);
+        let mut last: Vec<(u64, Option<ChunkId>)> = Vec::with_capacity(updates.len());
+        for u in updates {
+            match last.last_mut() {
+                Some(l) if l.0 == u.0 => *l = u,
+                _ => last.push(u),
+            }
+        }
+        let mut stored = Vec::with_capacity(self.stored.len() + last.len());
+        let mut old = self.stored.iter().copied().peekable();
+        for (i, entry) in last {
+            while let Some(&(n, id)) = old.peek() {
+                if n >= i {
+                    break;
+                }
+                stored.push((n, id));
+                old.next();
+            }
+            if old.peek().is_some_and(|&(n, _)| n == i) {
+                old.next();
+            }
+            if let Some(id) = entry {
+                stored.push((i, id));
+            }
+        }
+        stored.extend(old);
+        Ok(DiskIndex {
+            chunk_size: self.chunk_size,
+            disk_size: self.disk_size,
+            stored,
+        })
+    }
+
+    /// Checks that the sizes are sane and every stored entry lies on the disk, in order.
     pub fn validate(&self) -> Result<()> {
         let n = Self::entry_count(self.chunk_size, self.disk_size)?;
-        if u64::try_from(self.entries.len()).ok() != Some(n) {
+        if n > Self::MAX_ENTRIES {
             return Err(Error::invalid(format!(
-                "index has {} entries, but a disk of {} bytes in chunks of {} needs {n}",
-                self.entries.len(),
-                self.disk_size,
-                self.chunk_size
+                "a disk of {} bytes has too many chunks of {}",
+                self.disk_size, self.chunk_size
+            )));
+        }
+        if self.stored.windows(2).any(|w| w[0].0 >= w[1].0)
+            || self.stored.last().is_some_and(|&(i, _)| i >= n)
+        {
+            return Err(Error::invalid(format!(
+                "index entries are out of order or beyond the {n} entries of a disk of {} bytes \
+                 in chunks of {}",
+                self.disk_size, self.chunk_size
             )));
         }
         Ok(())
@@ -76,23 +201,20 @@ impl DiskIndex {
         out.extend_from_slice(&[0, 0, 0]);
         out.extend_from_slice(&self.chunk_size.to_le_bytes());
         out.extend_from_slice(&self.disk_size.to_le_bytes());
-        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        let mut zeros: u64 = 0;
-        for e in &self.entries {
-            match e {
-                None => zeros += 1,
-                Some(id) => {
-                    if zeros > 0 {
-                        push_zero_run(&mut out, zeros);
-                        zeros = 0;
-                    }
-                    out.push(magic::INDEX_TAG_CHUNK);
-                    out.extend_from_slice(id.as_bytes());
-                }
+        let count = self.len();
+        out.extend_from_slice(&count.to_le_bytes());
+        out.reserve(self.stored.len() * 33);
+        let mut next: u64 = 0; // first entry not yet encoded
+        for &(i, id) in &self.stored {
+            if i > next {
+                push_zero_run(&mut out, i - next);
             }
+            out.push(magic::INDEX_TAG_CHUNK);
+            out.extend_from_slice(id.as_bytes());
+            next = i + 1;
         }
-        if zeros > 0 {
-            push_zero_run(&mut out, zeros);
+        if count > next {
+            push_zero_run(&mut out, count - next);
         }
         Ok(out)
     }
@@ -132,7 +254,7 @@ impl DiskIndex {
         if count > Self::MAX_ENTRIES {
             return Err(corrupt("too many entries"));
         }
-        let mut entries: Vec<Option<ChunkId>> = Vec::new();
+        let mut stored: Vec<(u64, ChunkId)> = Vec::new();
         let mut total: u64 = 0;
         while let Some((&tag, after)) = rest.split_first() {
             match tag {
@@ -145,19 +267,17 @@ impl DiskIndex {
                         .checked_add(n)
                         .filter(|t| *t <= count)
                         .ok_or_else(|| corrupt("more entries than declared"))?;
-                    let n = usize::try_from(n).map_err(|_| corrupt("zero run too long"))?;
-                    entries.resize(entries.len().saturating_add(n), None);
                     rest = after;
                 }
                 magic::INDEX_TAG_CHUNK => {
                     let Some((id, after)) = after.split_first_chunk::<32>() else {
                         return Err(corrupt("truncated chunk id"));
                     };
-                    total += 1;
-                    if total > count {
+                    if total >= count {
                         return Err(corrupt("more entries than declared"));
                     }
-                    entries.push(Some(ChunkId::from_bytes(*id)));
+                    stored.push((total, ChunkId::from_bytes(*id)));
+                    total += 1;
                     rest = after;
                 }
                 other => return Err(corrupt(&format!("unknown record tag {other:#04x}"))),
@@ -169,13 +289,13 @@ impl DiskIndex {
         Ok(DiskIndex {
             chunk_size,
             disk_size,
-            entries,
+            stored,
         })
     }
 
     /// Distinct stored chunks referenced by this index, sorted.
     pub fn chunk_ids(&self) -> Vec<ChunkId> {
-        let mut ids: Vec<ChunkId> = self.entries.iter().flatten().copied().collect();
+        let mut ids: Vec<ChunkId> = self.stored.iter().map(|&(_, id)| id).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -239,7 +359,7 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         let mut idx = DiskIndex::new_sparse(65536, 65536 * 3 + 1).unwrap();
-        idx.entries[1] = Some(ChunkId::from_bytes([1; 32]));
+        idx.set(1, Some(ChunkId::from_bytes([1; 32]))).unwrap();
         let enc = idx.encode().unwrap();
         for cut in 0..enc.len() {
             assert!(DiskIndex::decode(&enc[..cut]).is_err(), "cut {cut}");
@@ -260,7 +380,10 @@ mod tests {
         let mut bad_count = enc.clone();
         bad_count[20] = 9;
         assert!(DiskIndex::decode(&bad_count).is_err());
-        idx.entries.pop();
+        assert!(idx.set(4, Some(ChunkId::from_bytes([1; 32]))).is_err());
+        idx.stored.push((4, ChunkId::from_bytes([2; 32])));
+        assert!(idx.encode().is_err());
+        idx.stored = vec![(2, ChunkId::from_bytes([2; 32])), (1, ChunkId::from_bytes([1; 32]))];
         assert!(idx.encode().is_err());
     }
 
@@ -289,15 +412,18 @@ mod tests {
                 } else {
                     (n - 1) * u64::from(cs) + u64::from(tail % cs) + 1
                 };
-                DiskIndex {
-                    chunk_size: cs,
+                DiskIndex::from_entries(
+                    cs,
                     disk_size,
-                    entries: entries
-                        .into_iter()
-                        .map(|e| e.map(ChunkId::from_bytes))
-                        .collect(),
-                }
+                    entries.into_iter().map(|e| e.map(ChunkId::from_bytes)),
+                )
+                .unwrap()
             })
+    }
+
+    /// Every entry, zero ones included (the old in-memory form), for checking against.
+    fn dense(idx: &DiskIndex) -> Vec<Option<ChunkId>> {
+        (0..idx.len()).map(|i| idx.get(i)).collect()
     }
 
     proptest! {
@@ -305,6 +431,31 @@ mod tests {
         fn round_trip(idx in arb_index()) {
             let enc = idx.encode().unwrap();
             prop_assert_eq!(DiskIndex::decode(&enc).unwrap(), idx);
+        }
+
+        #[test]
+        fn updates_match_dense_assignment(
+            idx in arb_index(),
+            ups in prop::collection::vec((any::<u64>(), prop::option::of(any::<u8>())), 0..60),
+        ) {
+            let len = idx.len();
+            prop_assume!(len > 0);
+            let ups: Vec<(u64, Option<ChunkId>)> = ups
+                .into_iter()
+                .map(|(i, e)| (i % len, e.map(|b| ChunkId::from_bytes([b; 32]))))
+                .collect();
+            let mut want = dense(&idx);
+            let mut one_by_one = idx.clone();
+            for &(i, e) in &ups {
+                want[i as usize] = e;
+                one_by_one.set(i, e).unwrap();
+            }
+            let merged = idx.with_updates(ups).unwrap();
+            prop_assert!(merged.validate().is_ok());
+            prop_assert_eq!(dense(&merged), want.clone());
+            prop_assert_eq!(&one_by_one, &merged);
+            let back = DiskIndex::from_entries(idx.chunk_size, idx.disk_size, want).unwrap();
+            prop_assert_eq!(back, merged);
         }
 
         #[test]

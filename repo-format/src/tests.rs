@@ -54,7 +54,7 @@ fn backup(repo: &Repository, name: &str, at: &str, seed: u8) -> SnapshotId {
         }
         let sealed = repo.try_seal_chunk(&data).unwrap();
         repo.store_chunk(&sealed).unwrap();
-        index.entries[i] = Some(sealed.id);
+        index.set(i, Some(sealed.id)).unwrap();
     }
     let index_id = repo.store_index(&index).unwrap();
     let mut m = Manifest::new(name, SnapshotKind::Vm, "host", time(at));
@@ -81,9 +81,9 @@ fn restore(repo: &Repository, id: &SnapshotId) -> Vec<u8> {
     let m = repo.load_snapshot(id).unwrap();
     let index = repo.load_index(&m.disks[0].index).unwrap();
     let mut disk = Vec::new();
-    for (i, e) in index.entries.iter().enumerate() {
-        let len = (index.disk_size - i as u64 * u64::from(CHUNK)).min(u64::from(CHUNK));
-        match e {
+    for i in 0..index.len() {
+        let len = (index.disk_size - i * u64::from(CHUNK)).min(u64::from(CHUNK));
+        match &index.get(i) {
             Some(c) => disk.extend(repo.load_chunk(c).unwrap()),
             None => disk.resize(disk.len() + len as usize, 0),
         }
@@ -481,7 +481,7 @@ fn interrupted_backup_is_not_listed() {
     let sealed = repo.try_seal_chunk(&chunk_data(4)).unwrap();
     repo.store_chunk(&sealed).unwrap();
     let mut index = DiskIndex::new_sparse(CHUNK, u64::from(CHUNK)).unwrap();
-    index.entries[0] = Some(sealed.id);
+    index.set(0, Some(sealed.id)).unwrap();
     repo.store_index(&index).unwrap();
     assert!(repo.list_snapshots().unwrap().is_empty());
 

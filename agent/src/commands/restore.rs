@@ -181,13 +181,7 @@ async fn restore_qcow2_by_convert(
     let start = Instant::now();
     let size = index.disk_size;
     let cs = u64::from(index.chunk_size);
-    let stored: Vec<u64> = index
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.is_some())
-        .map(|(i, _)| i as u64)
-        .collect();
+    let stored: Vec<u64> = index.stored().iter().map(|&(i, _)| i).collect();
     let bytes_stored: u64 = stored
         .iter()
         .map(|&i| {

@@ -128,7 +128,7 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
 
     let referenced: BTreeSet<ChunkId> = indexes
         .iter()
-        .flat_map(|(_, _, ix)| ix.entries.iter().flatten().copied())
+        .flat_map(|(_, _, ix)| ix.stored().iter().map(|&(_, id)| id))
         .collect();
 
     // Phase 2: existence.
@@ -186,10 +186,9 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
     if !bad.is_empty() {
         for (snap, disk, ix) in &indexes {
             let n = ix
-                .entries
+                .stored()
                 .iter()
-                .flatten()
-                .filter(|c| bad.contains_key(c))
+                .filter(|(_, c)| bad.contains_key(c))
                 .count();
             if n > 0 {
                 *affected.entry(format!("{snap} disk {disk}")).or_default() += n;

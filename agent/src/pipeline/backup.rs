@@ -86,21 +86,22 @@ pub async fn backup_disk(
     let size = first.size();
     let chunk_size = u64::from(repo.chunk_size());
     let n_chunks = chunk_count(size, chunk_size);
-    let n_chunks_usize = usize::try_from(n_chunks).map_err(|_| {
-        Error::new(
-            ErrorKind::Source,
-            format!("disk of {size} bytes is too large"),
-        )
-    })?;
 
     let data = data_ranges(first).await?;
     let allocated_bytes = data.total_len();
 
-    // Which chunks to read, and the starting entries.
-    let (to_visit, mut entries, parent, dirty_bytes) = match &mode {
-        Mode::Full => (data.clone(), vec![None; n_chunks_usize], None, None),
+    // Which chunks to read, and the index the new entries apply to (all zero for a full).
+    let (to_visit, base, dirty_bytes) = match &mode {
+        Mode::Full => (
+            data.clone(),
+            Arc::new(
+                DiskIndex::new_sparse(repo.chunk_size(), size)
+                    .map_err(|e| repo_err(e, format!("disk of {size} bytes is too large")))?,
+            ),
+            None,
+        ),
         Mode::Incremental { context, parent } => {
-            if parent.entries.len() != n_chunks_usize
+            if parent.len() != n_chunks
                 || u64::from(parent.chunk_size) != chunk_size
                 || parent.disk_size != size
             {
@@ -117,12 +118,7 @@ pub async fn backup_disk(
                 })?;
             let dirty = extent::dirty_ranges(&statuses);
             let dirty_len = dirty.total_len();
-            (
-                dirty,
-                parent.entries.clone(),
-                Some(parent.clone()),
-                Some(dirty_len),
-            )
+            (dirty, parent.clone(), Some(dirty_len))
         }
     };
 
@@ -137,7 +133,7 @@ pub async fn backup_disk(
             let client = clients[n % clients.len()].clone();
             let repo = repo.clone();
             let data = data.clone();
-            let parent = parent.clone();
+            let base = base.clone();
             let bytes_read = bytes_read.clone();
             let bytes_new = bytes_new.clone();
             let chunks_new = chunks_new.clone();
@@ -193,12 +189,7 @@ pub async fn backup_disk(
                         return Ok(None);
                     }
                     let id = repo.chunk_id(&buf);
-                    let idx_usize = usize::try_from(idx).unwrap_or(usize::MAX);
-                    let same_as_parent = parent
-                        .as_ref()
-                        .and_then(|p| p.entries.get(idx_usize).copied().flatten())
-                        == Some(id);
-                    if same_as_parent {
+                    if base.get(idx) == Some(id) {
                         return Ok(Some(id));
                     }
                     let known = repo
@@ -227,20 +218,18 @@ pub async fn backup_disk(
         })
         .buffer_unordered(concurrency());
 
+    // Only the chunks read change; every other entry keeps the base's (parent's, or zero).
+    let mut updates = Vec::new();
     while let Some(done) = results.next().await {
-        let (idx, entry) = done?;
-        if let Some(slot) = usize::try_from(idx).ok().and_then(|i| entries.get_mut(i)) {
-            *slot = entry;
-        }
+        updates.push(done?);
     }
     drop(results);
+    let index = base
+        .with_updates(updates)
+        .map_err(|e| repo_err(e, "cannot build the disk's index"))?;
 
     Ok(DiskBackupStats {
-        index: DiskIndex {
-            chunk_size: repo.chunk_size(),
-            disk_size: size,
-            entries,
-        },
+        index,
         bytes_read: bytes_read.load(Ordering::Relaxed),
         bytes_new: bytes_new.load(Ordering::Relaxed),
         chunks_new: chunks_new.load(Ordering::Relaxed),

@@ -41,8 +41,7 @@ pub struct DiskRestoreStats {
 
 /// Check that an index is self-consistent before anything is written.
 pub fn check_index(index: &DiskIndex, disk: &str) -> Result<()> {
-    let cs = u64::from(index.chunk_size);
-    if cs == 0 || super::chunk_count(index.disk_size, cs) != index.entries.len() as u64 {
+    if index.validate().is_err() {
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!("the index of disk '{disk}' does not cover its size"),
@@ -133,10 +132,9 @@ pub async fn restore_disk(
     let write_turn = Arc::new(std::sync::Mutex::new(()));
 
     let work = index
-        .entries
+        .stored()
         .iter()
-        .enumerate()
-        .filter_map(|(i, e)| e.map(|id| (i as u64, id)))
+        .copied()
         .map(|(idx, id)| {
             let repo = repo.clone();
             let sink = sink.clone();

@@ -193,10 +193,7 @@ impl RepoSource {
         let index = self.index()?;
         let cs = u64::from(index.chunk_size);
         let id = index
-            .entries
-            .get(i as usize)
-            .copied()
-            .flatten()
+            .get(i)
             .ok_or_else(|| vmdisk::Error::new(vmdisk::ErrorKind::InvalidArgument, "no chunk"))?;
         let expected = (index.disk_size - i * cs).min(cs);
         if let Some(d) = self.chunk_delay {
@@ -243,7 +240,7 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let stored = index.entries.get(i as usize).copied().flatten().is_some();
+            let stored = index.get(i).is_some();
             if stored {
                 let data = self.chunk(i)?;
                 let from = (pos - i * cs) as usize;
@@ -272,7 +269,7 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let zero = index.entries.get(i as usize).copied().flatten().is_none();
+            let zero = index.get(i).is_none();
             match out.last_mut() {
                 Some((l, z)) if *z == zero => *l += n,
                 _ => out.push((n, zero)),
