@@ -206,6 +206,49 @@ fn pre_post_hooks_freeze_limit_and_mountpoints() -> Result<()> {
     ensure!(j["warnings"].as_array().is_none_or(|w| w.is_empty()), "{j}");
     let window = j["freeze_window_ms"].as_f64().context("freeze_window_ms")? / 1000.0;
     ensure!(window >= 10.0, "freeze window {window} s with a 10 s pause");
+    // The step times show where the run's time went: the 10 s frozen pause lands between the
+    // freeze status and the thaw, and the steps come in the order they ran.
+    let steps: Vec<(String, f64)> = j["steps_ms"]
+        .as_array()
+        .context("steps_ms")?
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap_or("?").to_string(),
+                s["ms"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = steps.iter().map(|(n, _)| n.as_str()).collect();
+    let order = [
+        "libvirt: domain, disks, checkpoints",
+        "pre-freeze command",
+        "freeze",
+        "backup job start (with checkpoint)",
+        "freeze status",
+        "thaw",
+        "post-thaw command",
+        "transfer",
+        "commit",
+        "end job",
+    ];
+    let pos: Vec<Option<usize>> = order
+        .iter()
+        .map(|o| names.iter().position(|n| n == o))
+        .collect();
+    ensure!(
+        pos.iter().all(Option::is_some) && pos.windows(2).all(|w| w[0] < w[1]),
+        "steps missing or out of order: {steps:?}"
+    );
+    let ms = |name: &str| steps.iter().find(|(n, _)| n == name).map_or(-1.0, |s| s.1);
+    ensure!(
+        ms("thaw") >= 10_000.0,
+        "the frozen pause is not in the thaw step: {steps:?}"
+    );
+    ensure!(
+        steps.iter().all(|(_, m)| *m >= 0.0) && ms("freeze") < 10_000.0,
+        "{steps:?}"
+    );
     let (t_pre, t_post) = (
         uptime_of(&vm, "/tmp/hook-pre")?,
         uptime_of(&vm, "/tmp/hook-post")?,

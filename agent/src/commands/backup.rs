@@ -22,7 +22,7 @@ use crate::libvirt::{BackupDisk, BackupSpec, CheckpointSpec};
 use crate::repo::{self, blocking};
 use crate::vm::checkpoints::{self, RunDirs};
 use crate::vm::host::LibvirtHost;
-use crate::vm::job::{self, JobOptions, QuiescePolicy};
+use crate::vm::job::{self, JobOptions, QuiescePolicy, StepTimes};
 use crate::vm::transfer::{Source, VmTransfer};
 use crate::vm::{offline, plan, prepare};
 
@@ -79,9 +79,12 @@ pub async fn backup_vm(
     name: &str,
     during_freeze: Option<job::FreezeHook>,
 ) -> Result<(Value, String)> {
+    let mut steps = StepTimes::default();
+    let mut t = Instant::now();
     let repo2 = repo.clone();
     let n2 = name.to_string();
     let parent = blocking(move || latest_of(&repo2, &n2)).await?;
+    t = steps.mark("find the parent snapshot", t);
     let parent_m = parent.as_ref().map(|(_, m)| m.clone());
     let prep = prepare::domain(
         &args.connect,
@@ -91,6 +94,7 @@ pub async fn backup_vm(
         checkpoints::prefix(repo.id()),
     )
     .await?;
+    t = steps.mark("libvirt: domain, disks, checkpoints", t);
     for n in &prep.notes {
         tracing::warn!(domain = name, "{n}");
     }
@@ -103,6 +107,7 @@ pub async fn backup_vm(
 
     // Per-disk facts: size, qemu-img info, and (shut off) the base bitmap's state.
     let (infos, disks) = prepare::disk_facts(&prep).await?;
+    t = steps.mark("disk facts (qemu-img info)", t);
     let plans = plan::plan(
         &disks,
         parent_m.as_ref(),
@@ -155,6 +160,7 @@ pub async fn backup_vm(
     };
 
     let started = Instant::now();
+    steps.mark("plan", t);
     let (snap, facts) = if prep.active {
         let spec = BackupSpec {
             socket: dirs.socket(),
@@ -193,9 +199,12 @@ pub async fn backup_vm(
             Duration::from_secs(args.freeze_limit.max(1)),
         ));
         let r = job::run(host, &opts, spec, &mut transfer).await?;
+        steps.0.extend(r.steps.0);
         (r.snapshot, r.facts)
     } else {
-        offline::run(prep.dom, &mut transfer, &prep.all_targets, &tracked, &prune).await?
+        let r = offline::run(prep.dom, &mut transfer, &prep.all_targets, &tracked, &prune).await?;
+        steps.mark("transfer, commit, checkpoints (shut-off domain)", started);
+        r
     };
     drop(dirs);
 
@@ -236,6 +245,7 @@ pub async fn backup_vm(
         "notes": prep.notes,
         "warnings": facts.warnings,
         "seconds": started.elapsed().as_secs_f64(),
+        "steps_ms": steps.0.iter().map(|(s, d)| json!({"step": s, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>(),
     });
     let text = format!(
         "snapshot {} of {name}: {mode}, {}{}\n{}",

@@ -133,6 +133,21 @@ pub struct JobReport {
     pub snapshot: SnapshotId,
     /// Facts stored with it.
     pub facts: JobFacts,
+    /// How long each step took, in order (for the report: where the backup window went).
+    pub steps: StepTimes,
+}
+
+/// Wall-clock time of each step of a run, in the order they ran.
+#[derive(Debug, Clone, Default)]
+pub struct StepTimes(pub Vec<(&'static str, Duration)>);
+
+impl StepTimes {
+    /// Records that `step` ran from `since` until now, and returns now (the next step's start).
+    pub fn mark(&mut self, step: &'static str, since: Instant) -> Instant {
+        let now = Instant::now();
+        self.0.push((step, now.saturating_duration_since(since)));
+        now
+    }
 }
 
 /// Undo state: whatever is set here is undone by `Drop`.
@@ -260,6 +275,8 @@ async fn steps<H: VmHost, T: Transfer>(
 ) -> Result<JobReport> {
     let host = g.host.clone();
     let mut facts = JobFacts::default();
+    let mut times = StepTimes::default();
+    let mut t = Instant::now();
 
     // Quiesce: is there an agent to freeze with?
     let mut quiesce = match opts.quiesce {
@@ -281,6 +298,9 @@ async fn steps<H: VmHost, T: Transfer>(
             }
         },
     };
+    if opts.quiesce != QuiescePolicy::Off {
+        t = times.mark("guest agent ping", t);
+    }
 
     if quiesce.is_ok() {
         if let Some(cmd) = opts.pre_freeze.clone() {
@@ -291,11 +311,13 @@ async fn steps<H: VmHost, T: Transfer>(
                 .map_err(|e| {
                     Error::with_source(ErrorKind::Source, "the pre-freeze command failed", e)
                 })?;
+            t = times.mark("pre-freeze command", t);
         } else {
             g.post_thaw = opts.post_thaw.clone();
         }
         call(&host, |h| h.arm_guard()).await?;
         g.guard_armed = true;
+        t = times.mark("thaw guard started", t);
     }
 
     let freeze_start = Instant::now();
@@ -323,6 +345,7 @@ async fn steps<H: VmHost, T: Transfer>(
             ));
             quiesce = Err(format!("freeze failed: {e}"));
         }
+        t = times.mark("freeze", t);
     }
 
     if let Some(hook) = opts.during_freeze.clone() {
@@ -336,9 +359,11 @@ async fn steps<H: VmHost, T: Transfer>(
     call(&host, move |h| h.begin_backup(&spec)).await?;
     g.job_active = true;
     g.new_checkpoint = new_cp.clone();
+    t = times.mark("backup job start (with checkpoint)", t);
 
     if g.frozen {
         facts.freeze_status_at_begin = call(&host, |h| h.freeze_status()).await.ok();
+        t = times.mark("freeze status", t);
         if facts.freeze_status_at_begin.as_deref() == Some("thawed") && quiesce.is_ok() {
             // Thawed before the job's point in time (the freeze limit fired during the freeze
             // or the job start): the data is not known to be quiesced.
@@ -364,11 +389,15 @@ async fn steps<H: VmHost, T: Transfer>(
             ));
         }
         facts.freeze_window = Some(freeze_start.elapsed());
+        t = times.mark("thaw", t);
     }
-    if let Some(e) = call_post_thaw(g).await {
-        facts
-            .warnings
-            .push(format!("post-thaw command failed: {e}"));
+    if g.post_thaw.is_some() {
+        if let Some(e) = call_post_thaw(g).await {
+            facts
+                .warnings
+                .push(format!("post-thaw command failed: {e}"));
+        }
+        t = times.mark("post-thaw command", t);
     }
     facts.quiesce = match &quiesce {
         Ok(()) => "application-consistent".to_string(),
@@ -379,19 +408,24 @@ async fn steps<H: VmHost, T: Transfer>(
         let name = cp.clone();
         let xml = call(&host, move |h| h.checkpoint_xml(&name)).await?;
         facts.checkpoint = Some((cp.clone(), xml));
+        t = times.mark("checkpoint XML", t);
     }
 
     if let Some(d) = opts.pause_after_begin {
         tracing::warn!("test hook: pausing {d:?} before the transfer");
         tokio::time::sleep(d).await;
+        t = Instant::now();
     }
     transfer.transfer().await?;
+    t = times.mark("transfer", t);
     call(&host, |h| h.job_alive()).await?;
+    t = times.mark("job still alive", t);
     if let Ok(l) = g.log.lock() {
         facts.warnings.extend(l.iter().cloned());
     }
     let snapshot = transfer.commit(&facts).await?;
     g.committed = true;
+    t = times.mark("commit", t);
 
     // Commit, then end the job at once.
     match call(&host, |h| h.end_job()).await {
@@ -400,6 +434,7 @@ async fn steps<H: VmHost, T: Transfer>(
             .warnings
             .push(format!("could not end the backup job: {e}")),
     }
+    t = times.mark("end job", t);
     for cp in opts.prune.iter().filter(|c| Some(*c) != new_cp.as_ref()) {
         let name = cp.clone();
         if let Err(e) = call(&host, move |h| h.delete_checkpoint(&name)).await {
@@ -408,7 +443,14 @@ async fn steps<H: VmHost, T: Transfer>(
                 .push(format!("could not delete old checkpoint {cp}: {e}"));
         }
     }
-    Ok(JobReport { snapshot, facts })
+    if !opts.prune.is_empty() {
+        times.mark("prune old checkpoints", t);
+    }
+    Ok(JobReport {
+        snapshot,
+        facts,
+        steps: times,
+    })
 }
 
 async fn call_thaw<H: VmHost>(g: &mut Cleanup<H>) -> Option<Error> {
