@@ -54,6 +54,35 @@ pub async fn connect(
     .await
 }
 
+/// Connections a disk is read through: the chunks in flight are spread over them, so that a
+/// server that handles each connection's requests in one thread or coroutine (QEMU's, qemu-nbd)
+/// serves them in parallel.
+pub const READ_CONNECTIONS: usize = 2;
+
+/// [`connect`], plus more connections (up to [`READ_CONNECTIONS`], without meta contexts:
+/// block status goes through the first) when the export allows several: read-only or
+/// `CAN_MULTI_CONN`. A refused extra connection only means fewer connections.
+pub async fn connect_readers(
+    addr: &NbdAddr,
+    export: String,
+    contexts: Vec<String>,
+) -> vmdisk::Result<Vec<Client>> {
+    let first = connect(addr, export.clone(), contexts).await?;
+    let mut clients = vec![first];
+    if clients[0].is_read_only() || clients[0].can_multi_conn() {
+        for _ in 1..READ_CONNECTIONS {
+            match connect(addr, export.clone(), Vec::new()).await {
+                Ok(c) => clients.push(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "extra NBD connection refused; reading with fewer");
+                    break;
+                }
+            }
+        }
+    }
+    Ok(clients)
+}
+
 /// Incremental mode reading the dirty extents of `context`, against the parent disk's index.
 pub async fn incremental_mode(
     repo: &Arc<Repository>,
@@ -72,19 +101,23 @@ pub async fn incremental_mode(
     })
 }
 
-/// Read one disk from `client` into the repository (progress shown when `show`), then
+/// Read one disk through `clients` (connections to the same export, the first with the meta
+/// contexts; see [`connect_readers`]) into the repository (progress shown when `show`), then
 /// disconnect. The index is not stored yet.
 pub async fn read_disk(
     repo: Arc<Repository>,
-    client: Client,
+    clients: Vec<Client>,
     mode: Mode,
     show: bool,
     label: &str,
 ) -> Result<DiskBackupStats> {
-    let progress = Progress::new(show, client.size(), label);
-    let stats = backup::backup_disk(repo, std::slice::from_ref(&client), mode, &progress).await;
+    let size = clients.first().map_or(0, Client::size);
+    let progress = Progress::new(show, size, label);
+    let stats = backup::backup_disk(repo, &clients, mode, &progress).await;
     progress.finish();
-    let _ = client.disconnect().await;
+    for c in clients {
+        let _ = c.disconnect().await;
+    }
     stats
 }
 

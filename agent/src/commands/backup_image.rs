@@ -266,7 +266,7 @@ async fn transfer(
         .as_ref()
         .map(|b| format!("qemu:dirty-bitmap:{b}"));
     contexts.extend(dirty_ctx.iter().cloned());
-    let client = common::connect(&nbd.addr(), nbd.export_name().to_string(), contexts)
+    let clients = common::connect_readers(&nbd.addr(), nbd.export_name().to_string(), contexts)
         .await
         .ctx(ErrorKind::Source, || {
             "cannot connect to the NBD export".into()
@@ -279,7 +279,7 @@ async fn transfer(
     let incremental = matches!(mode, Mode::Incremental { .. });
 
     let show = !global.quiet && !global.json;
-    let stats = common::read_disk(repo.clone(), client, mode, show, disk_name).await;
+    let stats = common::read_disk(repo.clone(), clients, mode, show, disk_name).await;
     let stop = nbd.stop().await;
     let stats = stats?;
     stop.ctx(ErrorKind::Source, || "qemu-nbd did not stop cleanly".into())?;

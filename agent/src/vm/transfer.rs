@@ -113,7 +113,7 @@ async fn read_one(
     if incremental_from.is_some() {
         contexts.push(dirty.clone());
     }
-    let client = common::connect(&addr, export, contexts)
+    let clients = common::connect_readers(&addr, export, contexts)
         .await
         .ctx(ErrorKind::Source, || {
             format!("cannot connect to the NBD export of disk {target}")
@@ -122,7 +122,7 @@ async fn read_one(
         Some((_, pe)) => common::incremental_mode(&repo, pe.index, dirty).await?,
         None => Mode::Full,
     };
-    let stats = common::read_disk(repo, client, mode, show, target).await;
+    let stats = common::read_disk(repo, clients, mode, show, target).await;
     if let Some(n) = nbd {
         let _ = n.stop().await;
     }
