@@ -383,7 +383,10 @@ mod tests {
         assert!(idx.set(4, Some(ChunkId::from_bytes([1; 32]))).is_err());
         idx.stored.push((4, ChunkId::from_bytes([2; 32])));
         assert!(idx.encode().is_err());
-        idx.stored = vec![(2, ChunkId::from_bytes([2; 32])), (1, ChunkId::from_bytes([1; 32]))];
+        idx.stored = vec![
+            (2, ChunkId::from_bytes([2; 32])),
+            (1, ChunkId::from_bytes([1; 32])),
+        ];
         assert!(idx.encode().is_err());
     }
 

@@ -131,53 +131,49 @@ pub async fn restore_disk(
     // (`rwsem_spin_on_owner` was 10 % of a raw restore's CPU profile).
     let write_turn = Arc::new(std::sync::Mutex::new(()));
 
-    let work = index
-        .stored()
-        .iter()
-        .copied()
-        .map(|(idx, id)| {
-            let repo = repo.clone();
-            let sink = sink.clone();
-            let written = written.clone();
-            let chunks = chunks.clone();
-            let progress = progress.clone();
-            let write_turn = write_turn.clone();
-            async move {
-                let (off, end) = chunk_range(idx, cs, size);
-                let len = end - off;
-                match sink {
-                    Sink::File(file) => {
-                        tokio::task::spawn_blocking(move || -> Result<()> {
-                            with_checked_chunk(&repo, &id, len, |data| {
-                                let runs = nonzero_runs(data, zero_block);
-                                if runs.is_empty() {
-                                    return Ok(());
-                                }
-                                let _turn = write_turn
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                                for (s, e) in runs {
-                                    let at = off + s as u64;
-                                    let piece = data.get(s..e).unwrap_or_default();
-                                    file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
-                                        format!("cannot write {} bytes at offset {at}", e - s)
-                                    })?;
-                                }
-                                Ok(())
-                            })
+    let work = index.stored().iter().copied().map(|(idx, id)| {
+        let repo = repo.clone();
+        let sink = sink.clone();
+        let written = written.clone();
+        let chunks = chunks.clone();
+        let progress = progress.clone();
+        let write_turn = write_turn.clone();
+        async move {
+            let (off, end) = chunk_range(idx, cs, size);
+            let len = end - off;
+            match sink {
+                Sink::File(file) => {
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        with_checked_chunk(&repo, &id, len, |data| {
+                            let runs = nonzero_runs(data, zero_block);
+                            if runs.is_empty() {
+                                return Ok(());
+                            }
+                            let _turn = write_turn
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            for (s, e) in runs {
+                                let at = off + s as u64;
+                                let piece = data.get(s..e).unwrap_or_default();
+                                file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
+                                    format!("cannot write {} bytes at offset {at}", e - s)
+                                })?;
+                            }
+                            Ok(())
                         })
-                        .await
-                        .map_err(|e| {
-                            Error::with_source(ErrorKind::Other, "a worker thread failed", e)
-                        })??;
-                    }
+                    })
+                    .await
+                    .map_err(|e| {
+                        Error::with_source(ErrorKind::Other, "a worker thread failed", e)
+                    })??;
                 }
-                written.fetch_add(len, Ordering::Relaxed);
-                chunks.fetch_add(1, Ordering::Relaxed);
-                progress.add(len);
-                Ok::<(), Error>(())
             }
-        });
+            written.fetch_add(len, Ordering::Relaxed);
+            chunks.fetch_add(1, Ordering::Relaxed);
+            progress.add(len);
+            Ok::<(), Error>(())
+        }
+    });
     let mut stream = futures::stream::iter(work).buffer_unordered(concurrency());
     while let Some(r) = stream.next().await {
         r?;

@@ -238,6 +238,10 @@ pub fn round(
             .freeze_ms
             .push(("full", j["freeze_window_ms"].as_f64()));
         rep.add("live.lb.full", Best::of(&r, proc::du_bytes(&repo)));
+        if rep.allocated == 0 {
+            // --only-live: no offline full backup measured the allocation.
+            rep.allocated = u64_at(&j, "/disks/0/allocated_bytes");
+        }
         let w = dirty_in_guest(&vm, size, dirty_total)?;
         facts.dirty_write_secs.push(w);
         eprintln!("  live: dirtied in {w:.1} s; lifeboat backup incremental...");
@@ -256,6 +260,18 @@ pub fn round(
         facts
             .incr_disk_secs
             .extend(j.pointer("/disks/0/seconds").and_then(|x| x.as_f64()));
+        facts.incr_steps = j["steps_ms"].as_array().map(|a| {
+            let steps = a
+                .iter()
+                .map(|s| {
+                    (
+                        s["step"].as_str().unwrap_or("?").to_owned(),
+                        s["ms"].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .collect();
+            (r.secs, steps)
+        });
         rep.add("live.lb.incr", Best::of(&r, proc::du_bytes(&repo)));
         snapshot = j["snapshot"]
             .as_str()

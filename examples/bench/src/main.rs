@@ -57,6 +57,10 @@ struct Args {
     /// Rounds of the live section (each boots fresh domains); default 1.
     #[arg(long, default_value_t = 1)]
     live_rounds: u32,
+    /// Only the CPU ceilings and the live libvirt section (no offline rounds, 1 TiB sparse or
+    /// parallel tests).
+    #[arg(long, conflicts_with = "no_live")]
+    only_live: bool,
     /// Chunk size of the benchmark repositories (`lifeboat repo init --chunk-size`, e.g. 256K);
     /// the CPU ceilings are measured on pieces of the same size. Default: the repository
     /// default, 1M.
@@ -367,7 +371,15 @@ fn main() -> Result<()> {
     let have_restic = args.peers && proc::have("restic");
     let have_borg = args.peers && proc::have("borg");
 
-    for round in 1..=rounds {
+    if args.only_live {
+        let c = cpu::measure(&sample, zstd_level, threads);
+        rep.add_cpu(c);
+        rep.note(
+            "offline rounds, 1 TiB sparse, 4 disks in parallel",
+            "not measured: --only-live",
+        );
+    }
+    for round in (1..=rounds).filter(|_| !args.only_live) {
         eprintln!("round {round}/{rounds} (load {})", proc::loadavg());
         one_round(
             &ctx,
@@ -387,7 +399,7 @@ fn main() -> Result<()> {
 
     if args.no_sparse {
         rep.note("1 TiB sparse incremental", "not measured: --no-sparse");
-    } else {
+    } else if !args.only_live {
         eprintln!("1 TiB sparse disk, 64 MiB dirty...");
         for _ in 0..rounds {
             sparse_test(&ctx, &mut rep)?;
@@ -395,7 +407,7 @@ fn main() -> Result<()> {
     }
     if args.no_parallel {
         rep.note("4 disks in parallel", "not measured: --no-parallel");
-    } else {
+    } else if !args.only_live {
         eprintln!("4 disks in parallel...");
         parallel_test(&ctx, &image, &mut rep)?;
     }
