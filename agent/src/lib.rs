@@ -22,4 +22,5 @@ pub mod relocate;
 pub mod repo;
 pub mod rollback;
 pub mod signals;
+pub mod socket_dirs;
 pub mod vm;

@@ -21,9 +21,7 @@ use std::sync::{Arc, Mutex};
 use repo_format::{Manifest, Repository};
 
 use super::xml::{sandbox_xml, SandboxXml};
-use crate::commands::instant_restore::{
-    create_overlays, serve, socket_dir_for, Serving, StateDisk,
-};
+use crate::commands::instant_restore::{create_overlays, serve, Serving, StateDisk};
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::libvirt::rewrite::{NetworkPolicy, NewDisk};
 use crate::libvirt::{Dom, Hypervisor};
@@ -74,7 +72,7 @@ impl Sandbox {
         std::fs::create_dir(&dir).ctx(ErrorKind::Target, || {
             format!("cannot create the sandbox directory '{}'", dir.display())
         })?;
-        let socket_dir = socket_dir_for(&dir);
+        let socket_dir = crate::socket_dirs::for_storage(&dir);
         let console = dir.join("console.log");
         // From here on, Drop cleans up.
         let mut sb = Sandbox {
