@@ -34,3 +34,22 @@ pub fn lifeboat_bin() -> Result<PathBuf> {
     ensure!(bin.is_file(), "no binary at {}", bin.display());
     Ok(BIN.get_or_init(|| bin).clone())
 }
+
+/// The step times of a `lifeboat backup --json` report (`steps_ms`): (step, milliseconds), in
+/// the order the steps ran. Empty when the report has none.
+pub fn backup_steps(report: &serde_json::Value) -> Vec<(String, f64)> {
+    report["steps_ms"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| {
+                    (
+                        s["step"].as_str().unwrap_or("?").to_owned(),
+                        s["ms"].as_f64().unwrap_or(-1.0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

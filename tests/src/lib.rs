@@ -27,7 +27,7 @@ mod second_host;
 mod slots;
 mod vm;
 
-pub use bin::lifeboat_bin;
+pub use bin::{backup_steps, lifeboat_bin};
 pub use cmd::{run, run_output, scripts_dir, virsh, virsh_timeout, wait_until};
 pub use env::{
     ensure_libvirt, require_root, test_guest, GuestFiles, DOMAIN_PREFIX, SYSTEM_URI, VM_ROOT,

@@ -208,17 +208,7 @@ fn pre_post_hooks_freeze_limit_and_mountpoints() -> Result<()> {
     ensure!(window >= 10.0, "freeze window {window} s with a 10 s pause");
     // The step times show where the run's time went: the 10 s frozen pause lands between the
     // freeze status and the thaw, and the steps come in the order they ran.
-    let steps: Vec<(String, f64)> = j["steps_ms"]
-        .as_array()
-        .context("steps_ms")?
-        .iter()
-        .map(|s| {
-            (
-                s["step"].as_str().unwrap_or("?").to_string(),
-                s["ms"].as_f64().unwrap_or(-1.0),
-            )
-        })
-        .collect();
+    let steps = lifeboat_e2e::backup_steps(&j);
     let names: Vec<&str> = steps.iter().map(|(n, _)| n.as_str()).collect();
     let order = [
         "libvirt: domain, disks, checkpoints",

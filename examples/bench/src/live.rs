@@ -260,18 +260,8 @@ pub fn round(
         facts
             .incr_disk_secs
             .extend(j.pointer("/disks/0/seconds").and_then(|x| x.as_f64()));
-        facts.incr_steps = j["steps_ms"].as_array().map(|a| {
-            let steps = a
-                .iter()
-                .map(|s| {
-                    (
-                        s["step"].as_str().unwrap_or("?").to_owned(),
-                        s["ms"].as_f64().unwrap_or(0.0),
-                    )
-                })
-                .collect();
-            (r.secs, steps)
-        });
+        let steps = lifeboat_e2e::backup_steps(&j);
+        facts.incr_steps = (!steps.is_empty()).then_some((r.secs, steps));
         rep.add("live.lb.incr", Best::of(&r, proc::du_bytes(&repo)));
         snapshot = j["snapshot"]
             .as_str()
