@@ -84,6 +84,8 @@ fn repo(chunk_size: u64) -> Result<Repository> {
             },
             chunk_size: u32::try_from(chunk_size)?,
             zstd_level: repo_format::DEFAULT_ZSTD_LEVEL,
+            // Unframed: this measures whole-chunk objects at each chunk size.
+            frame_size: None,
         },
     )?)
 }

@@ -194,6 +194,16 @@ pub struct InitArgs {
     /// zstd compression level.
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// Frame size of chunk objects: a power of two from 64K, smaller than the chunk size; 0 for
+    /// unframed chunks.
+    ///
+    /// Each chunk is compressed and encrypted as independent frames, so that an incremental
+    /// backup reads and seals only the frames that hold a changed block and copies the others
+    /// from the previous version of the chunk. 64K (QEMU's dirty-bitmap granularity) makes
+    /// incrementals of small scattered writes cheapest; larger frames compress slightly better
+    /// (the bench's mixed disk: 64K frames store ≈ 7 % more than unframed 1M chunks, 256K ≈ 3 %).
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub frame_size: u64,
 }
 
 /// `lifeboat repo add-key`

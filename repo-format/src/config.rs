@@ -35,6 +35,10 @@ pub struct Config {
     pub compression: String,
     /// zstd level used when writing.
     pub zstd_level: i32,
+    /// Frame size of framed chunk objects (version 2 only; see FORMAT.md, "Framed chunk
+    /// objects"). `None` in a version-1 repository: every chunk object is unframed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_size: Option<u32>,
     /// Hex keyed-BLAKE3 MAC of the canonical config without this field (encrypted only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -47,6 +51,20 @@ pub fn validate_chunk_size(chunk_size: u32) -> Result<()> {
     {
         return Err(Error::invalid(format!(
             "chunk size {chunk_size} is not a power of two between 64 KiB and 16 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a frame size: a power of two, at least 64 KiB, smaller than the chunk size.
+pub fn validate_frame_size(frame_size: u32, chunk_size: u32) -> Result<()> {
+    if !frame_size.is_power_of_two()
+        || frame_size < crate::MIN_CHUNK_SIZE
+        || frame_size >= chunk_size
+    {
+        return Err(Error::invalid(format!(
+            "frame size {frame_size} is not a power of two from 64 KiB up to half the chunk \
+             size {chunk_size}"
         )));
     }
     Ok(())
@@ -70,11 +88,15 @@ impl Config {
             return Err(not_repo("has a foreign format"));
         }
         match obj.get("version").and_then(|v| v.as_u64()) {
-            Some(v) if v == u64::from(magic::CONFIG_VERSION) => {}
+            Some(v)
+                if v == u64::from(magic::CONFIG_VERSION)
+                    || v == u64::from(magic::CONFIG_VERSION_FRAMED) => {}
             Some(v) => {
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
-                    format!("repository format version {v} is not supported (this build reads 1)"),
+                    format!(
+                        "repository format version {v} is not supported (this build reads 1 and 2)"
+                    ),
                 ))
             }
             None => return Err(Error::corrupt("config has no valid version")),
@@ -100,6 +122,18 @@ impl Config {
         validate_chunk_size(config.chunk_size).map_err(|e| {
             Error::with_source(ErrorKind::Corrupt, "config is corrupt: bad chunk size", e)
         })?;
+        match (config.version, config.frame_size) {
+            (magic::CONFIG_VERSION, None) => {}
+            (magic::CONFIG_VERSION_FRAMED, Some(f)) => validate_frame_size(f, config.chunk_size)
+                .map_err(|e| {
+                    Error::with_source(ErrorKind::Corrupt, "config is corrupt: bad frame size", e)
+                })?,
+            _ => {
+                return Err(Error::corrupt(
+                    "config is corrupt: frame_size must be present exactly in version 2",
+                ))
+            }
+        }
         if config.encryption == EncryptionScheme::XChaCha20Poly1305Blake3 && config.mac.is_none() {
             return Err(Error::corrupt(
                 "config of an encrypted repository has no mac",
@@ -183,10 +217,36 @@ mod tests {
                 ErrorKind::NotARepository
             );
         }
-        let v2 = br#"{"format":"lifeboat-repo","version":2}"#;
+        let v3 = br#"{"format":"lifeboat-repo","version":3}"#;
         assert_eq!(
-            Config::parse(v2).unwrap_err().kind(),
+            Config::parse(v3).unwrap_err().kind(),
             ErrorKind::UnsupportedVersion
         );
+    }
+
+    #[test]
+    fn frame_size_only_in_version_2() {
+        let cfg = |version: u32, frame: &str| {
+            format!(
+                r#"{{"format":"lifeboat-repo","version":{version},"id":"00","chunk_size":1048576,
+                "encryption":"none","compression":"zstd","zstd_level":3{frame}}}"#
+            )
+        };
+        Config::parse(cfg(1, "").as_bytes()).unwrap();
+        let (c, _) = Config::parse(cfg(2, r#","frame_size":65536"#).as_bytes()).unwrap();
+        assert_eq!(c.frame_size, Some(65536));
+        for bad in [
+            cfg(1, r#","frame_size":65536"#),
+            cfg(2, ""),
+            cfg(2, r#","frame_size":1048576"#),
+            cfg(2, r#","frame_size":4096"#),
+            cfg(2, r#","frame_size":100000"#),
+        ] {
+            assert_eq!(
+                Config::parse(bad.as_bytes()).unwrap_err().kind(),
+                ErrorKind::Corrupt,
+                "{bad}"
+            );
+        }
     }
 }

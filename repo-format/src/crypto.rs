@@ -266,6 +266,11 @@ impl Keys {
         *blake3::keyed_hash(&self.id_key, data).as_bytes()
     }
 
+    /// The key of keyed-BLAKE3 object ids (for hashing chunks frame by frame).
+    pub fn id_key(&self) -> &[u8; 32] {
+        &self.id_key
+    }
+
     pub fn mac(&self, data: &[u8]) -> blake3::Hash {
         blake3::keyed_hash(&self.mac_key, data)
     }

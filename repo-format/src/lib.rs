@@ -58,6 +58,7 @@ mod boottest_store;
 mod config;
 mod crypto;
 mod error;
+mod framed;
 mod id;
 mod index;
 pub mod magic;
@@ -67,16 +68,28 @@ mod repository;
 
 pub use backend::{Backend, FaultyBackend, LocalBackend, MemoryBackend};
 pub use boottest::{BootTestResult, CheckKind, CheckResult, Verdict};
-pub use config::{validate_chunk_size, Config, EncryptionScheme};
+pub use config::{validate_chunk_size, validate_frame_size, Config, EncryptionScheme};
 pub use crypto::{KdfParams, KeyFile, KeySlotKind, Secret};
 pub use error::{BoxError, Error, ErrorKind, Result};
+pub use framed::{FramedChunk, UpdatedChunk};
 pub use id::{BootTestId, ChunkId, IndexId, KeySlotId, SnapshotId};
 pub use index::DiskIndex;
 pub use manifest::{BackupMode, DiskEntry, Manifest, SnapshotKind};
 pub use repository::{
-    ChunkBuffers, Encryption, InitOptions, KeySlotInfo, Repository, SealedChunk,
-    DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    ChunkBuffers, ChunkHash, Encryption, InitOptions, KeySlotInfo, Repository, SealedChunk,
+    DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
+
+/// True when every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(16);
+    let body_zero = chunks.by_ref().all(|c| {
+        let mut w = [0u8; 16];
+        w.copy_from_slice(c);
+        u128::from_ne_bytes(w) == 0
+    });
+    body_zero && chunks.remainder().iter().all(|&b| b == 0)
+}
 
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,9 @@
 pub const CONFIG_FORMAT: &str = "lifeboat-repo";
 /// Version of the repository layout / config this build writes and reads.
 pub const CONFIG_VERSION: u32 = 1;
+/// Version of a repository whose config has a `frame_size`: chunk objects may be framed
+/// (object version 2). A build that reads only version 1 refuses it at open.
+pub const CONFIG_VERSION_FRAMED: u32 = 2;
 /// `encryption` value of an encrypted repository.
 pub const ENCRYPTION_XCHACHA_BLAKE3: &str = "xchacha20poly1305-blake3";
 /// `encryption` value of an unencrypted repository.
@@ -22,6 +25,8 @@ pub const KEY_SLOT_VERSION: u32 = 1;
 pub const OBJECT_MAGIC: [u8; 4] = *b"LBOB";
 /// Version byte of the sealed-object header.
 pub const OBJECT_VERSION: u8 = 1;
+/// Version byte of a framed chunk object (a chunk sealed as independent frames).
+pub const OBJECT_VERSION_FRAMED: u8 = 2;
 /// Length of the sealed-object header.
 pub const OBJECT_HEADER_LEN: usize = 8;
 /// Object kind byte: a data chunk.
@@ -36,6 +41,12 @@ pub const KIND_BOOT_TEST: u8 = 4;
 pub const FLAG_ZSTD: u8 = 0b0000_0001;
 /// Object flag: payload is encrypted (nonce + XChaCha20-Poly1305 ciphertext and tag).
 pub const FLAG_ENCRYPTED: u8 = 0b0000_0010;
+/// Frame table flag: the frame's payload is zstd-compressed.
+pub const FRAME_FLAG_ZSTD: u8 = 0b0000_0001;
+/// Frame table flag: the frame is all zero bytes; nothing is stored for it.
+pub const FRAME_FLAG_ZERO: u8 = 0b0000_0010;
+/// First bytes of a frame's AAD ("LifeBoat FRame").
+pub const FRAME_AAD_MAGIC: [u8; 4] = *b"LBFR";
 /// XChaCha20 nonce length.
 pub const NONCE_LEN: usize = 24;
 /// Poly1305 tag length.

@@ -39,7 +39,7 @@ thread_local! {
 
 /// Appends the zstd compression of `plain` at `level` to `out` if it is smaller than `plain`;
 /// returns whether it did (on `false`, `out` is unchanged).
-fn compress_append(plain: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+pub(crate) fn compress_append(plain: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
     let start = out.len();
     let written = COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -261,6 +261,28 @@ fn check_id(keys: Option<&Keys>, id: &[u8; 32], plain: &[u8], name: &str) -> Res
     if object_hash(keys, plain) != *id {
         return Err(Error::corrupt(format!(
             "object {name} is corrupt: content does not match its id"
+        )));
+    }
+    Ok(())
+}
+
+/// Decompresses `data` into exactly `out.len()` bytes: fewer, more or a malformed frame is an
+/// error.
+pub(crate) fn decompress_exact(data: &[u8], out: &mut [u8]) -> std::io::Result<()> {
+    let n = DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Decompressor::new().ok();
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress_to_buffer(data, &mut *out),
+            None => Err(std::io::Error::other("no zstd decompression context")),
+        }
+    })?;
+    if n != out.len() {
+        return Err(std::io::Error::other(format!(
+            "a frame decompressed to {n} bytes instead of {}",
+            out.len()
         )));
     }
     Ok(())

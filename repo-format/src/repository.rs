@@ -20,6 +20,9 @@ pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Default frame size of new repositories: 64 KiB, QEMU's default dirty-bitmap granularity,
+/// so that an incremental backup reads and seals only the 64 KiB frames a guest changed.
+pub const DEFAULT_FRAME_SIZE: u32 = 64 << 10;
 
 /// Whether and how to encrypt a new repository.
 #[derive(Debug, Clone)]
@@ -44,6 +47,9 @@ pub struct InitOptions {
     pub chunk_size: u32,
     /// zstd compression level.
     pub zstd_level: i32,
+    /// Frame size of chunk objects (`None`: unframed, a version-1 repository). A frame size
+    /// not smaller than the chunk size means unframed too.
+    pub frame_size: Option<u32>,
 }
 
 impl InitOptions {
@@ -53,8 +59,18 @@ impl InitOptions {
             encryption,
             chunk_size: DEFAULT_CHUNK_SIZE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            frame_size: Some(DEFAULT_FRAME_SIZE),
         }
     }
+}
+
+/// A chunk's id, with the chaining values of its frames when it is to be sealed framed (from
+/// [`Repository::hash_chunk`], for [`Repository::try_seal_hashed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkHash {
+    /// The chunk id.
+    pub id: ChunkId,
+    cvs: Vec<[u8; 32]>,
 }
 
 /// A chunk ready to store: its id, sealed bytes and plaintext length.
@@ -133,6 +149,10 @@ impl Repository {
     /// then the config. Fails with [`ErrorKind::AlreadyExists`] if a config exists.
     pub fn init(backend: Arc<dyn Backend>, opts: InitOptions) -> Result<Repository> {
         validate_chunk_size(opts.chunk_size)?;
+        let frame_size = opts.frame_size.filter(|f| *f < opts.chunk_size);
+        if let Some(f) = frame_size {
+            crate::config::validate_frame_size(f, opts.chunk_size)?;
+        }
         if !(zstd::compression_level_range()).contains(&opts.zstd_level) {
             return Err(Error::invalid(format!(
                 "zstd level {} is out of range",
@@ -156,12 +176,17 @@ impl Repository {
         };
         let mut config = Config {
             format: magic::CONFIG_FORMAT.to_owned(),
-            version: magic::CONFIG_VERSION,
+            version: if frame_size.is_some() {
+                magic::CONFIG_VERSION_FRAMED
+            } else {
+                magic::CONFIG_VERSION
+            },
             id: hex::encode(rid),
             chunk_size: opts.chunk_size,
             encryption: scheme,
             compression: magic::COMPRESSION_ZSTD.to_owned(),
             zstd_level: opts.zstd_level,
+            frame_size,
             mac: None,
         };
         if let Some(k) = &keys {
@@ -358,6 +383,17 @@ impl Repository {
         self.config.chunk_size
     }
 
+    /// The frame size of chunk objects, `None` when chunks are sealed unframed.
+    pub fn frame_size(&self) -> Option<u32> {
+        self.config.frame_size
+    }
+
+    /// The frame size as a `usize`, when a chunk of `len` bytes is sealed framed.
+    fn framing(&self, len: usize) -> Option<usize> {
+        let fs = self.config.frame_size? as usize;
+        crate::framed::frames_for(len, fs).map(|_| fs)
+    }
+
     /// Whether objects are encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.keys.is_some()
@@ -390,6 +426,110 @@ impl Repository {
         ChunkId::from_bytes(object::object_hash(self.keys.as_ref(), data))
     }
 
+    /// The id of a chunk with this plaintext and, when it is to be sealed framed, its frames'
+    /// chaining values (one hashing pass either way). No I/O.
+    pub fn hash_chunk(&self, data: &[u8]) -> ChunkHash {
+        match self.framing(data.len()) {
+            Some(fs) => {
+                let cvs = crate::framed::frame_cvs(self.keys.as_ref(), data, fs);
+                let id = ChunkId::from_bytes(crate::framed::merge_root(self.keys.as_ref(), &cvs));
+                ChunkHash { id, cvs }
+            }
+            None => ChunkHash {
+                id: self.chunk_id(data),
+                cvs: Vec::new(),
+            },
+        }
+    }
+
+    /// Compresses and encrypts a chunk hashed by [`Repository::hash_chunk`] (`hash` must come
+    /// from `data`): framed when the repository has frames and the chunk divides into them.
+    /// Errors as [`Repository::try_seal_chunk`].
+    pub fn try_seal_hashed(&self, hash: &ChunkHash, data: &[u8]) -> Result<SealedChunk> {
+        self.check_chunk_len(data.len())?;
+        let bytes = match self.framing(data.len()) {
+            Some(fs) if hash.cvs.len() * fs == data.len() => crate::framed::seal(
+                self.keys.as_ref(),
+                hash.id.as_bytes(),
+                data,
+                &hash.cvs,
+                fs,
+                self.config.zstd_level,
+            )?,
+            Some(_) => {
+                return Err(Error::invalid(
+                    "chunk hash was computed without the frames this repository seals",
+                ))
+            }
+            None => object::seal(
+                self.keys.as_ref(),
+                magic::KIND_CHUNK,
+                hash.id.as_bytes(),
+                data,
+                self.config.zstd_level,
+            )?,
+        };
+        Ok(SealedChunk {
+            id: hash.id,
+            bytes,
+            plain_len: data.len(),
+        })
+    }
+
+    /// Reads the sealed object of chunk `id` for [`Repository::seal_chunk_update`]: the frame
+    /// table is authenticated and decrypted, the frames stay sealed. `Ok(None)` when the chunk
+    /// is stored unframed (version 1) or the repository has no frames.
+    pub fn load_chunk_frames(&self, id: &ChunkId) -> Result<Option<crate::FramedChunk>> {
+        let Some(fs) = self.config.frame_size else {
+            return Ok(None);
+        };
+        let key = chunk_key(id);
+        let bytes = self.get_object(&key, "chunk")?;
+        crate::framed::parse_parent(
+            self.keys.as_ref(),
+            id.as_bytes(),
+            bytes,
+            fs as usize,
+            self.chunk_limit(),
+            &key,
+        )
+    }
+
+    /// The chunk `parent` with the frames in `changed` (frame number, its new plaintext of
+    /// frame-size bytes) replaced, sealed: only the changed frames are hashed, compressed and
+    /// encrypted; the others are copied still sealed. Returns the new chunk (same id as sealing
+    /// the whole new plaintext) and whether it is all zero (then it need not be stored). No I/O.
+    pub fn seal_chunk_update(
+        &self,
+        parent: &crate::FramedChunk,
+        changed: &[(usize, &[u8])],
+    ) -> Result<(SealedChunk, bool)> {
+        let up = crate::framed::seal_update(
+            self.keys.as_ref(),
+            parent,
+            changed,
+            self.config.zstd_level,
+        )?;
+        Ok((
+            SealedChunk {
+                id: ChunkId::from_bytes(up.id),
+                bytes: up.sealed,
+                plain_len: parent.frame_count() * parent.frame_size(),
+            },
+            up.all_zero,
+        ))
+    }
+
+    fn check_chunk_len(&self, len: usize) -> Result<()> {
+        if len > self.chunk_limit() {
+            return Err(Error::invalid(format!(
+                "chunk of {len} bytes exceeds the chunk size {}",
+                self.config.chunk_size
+            )));
+        }
+        Ok(())
+    }
+
     /// Hashes, compresses and encrypts a chunk. No I/O.
     ///
     /// # Panics
@@ -407,15 +547,9 @@ impl Repository {
     /// Like [`Repository::seal_chunk`], but returns [`ErrorKind::InvalidArgument`] for a chunk
     /// longer than the chunk size and [`ErrorKind::Io`] if no random nonce is available.
     pub fn try_seal_chunk(&self, data: &[u8]) -> Result<SealedChunk> {
-        if data.len() > self.chunk_limit() {
-            return Err(Error::invalid(format!(
-                "chunk of {} bytes exceeds the chunk size {}",
-                data.len(),
-                self.config.chunk_size
-            )));
-        }
-        let id = self.chunk_id(data);
-        self.try_seal_chunk_with_id(&id, data)
+        self.check_chunk_len(data.len())?;
+        let hash = self.hash_chunk(data);
+        self.try_seal_hashed(&hash, data)
     }
 
     /// Like [`Repository::seal_chunk`] for a caller that already computed the chunk's id with
@@ -435,43 +569,68 @@ impl Repository {
     }
 
     /// Like [`Repository::seal_chunk_with_id`], with errors as [`Repository::try_seal_chunk`].
+    ///
+    /// In a repository with frames, the frames' chaining values are computed here (a second
+    /// hashing pass): use [`Repository::hash_chunk`] and [`Repository::try_seal_hashed`] to hash
+    /// once.
     pub fn try_seal_chunk_with_id(&self, id: &ChunkId, data: &[u8]) -> Result<SealedChunk> {
-        if data.len() > self.chunk_limit() {
-            return Err(Error::invalid(format!(
-                "chunk of {} bytes exceeds the chunk size {}",
-                data.len(),
-                self.config.chunk_size
-            )));
-        }
+        self.check_chunk_len(data.len())?;
         debug_assert!(
             *id == self.chunk_id(data),
             "try_seal_chunk_with_id: id does not match the data"
         );
-        let id = *id;
-        let bytes = object::seal(
-            self.keys.as_ref(),
-            magic::KIND_CHUNK,
-            id.as_bytes(),
-            data,
-            self.config.zstd_level,
-        )?;
-        Ok(SealedChunk {
-            id,
-            bytes,
-            plain_len: data.len(),
-        })
+        let hash = match self.framing(data.len()) {
+            Some(_) => self.hash_chunk(data),
+            None => ChunkHash {
+                id: *id,
+                cvs: Vec::new(),
+            },
+        };
+        self.try_seal_hashed(&hash, data)
     }
 
     /// Verifies, decrypts and decompresses a sealed chunk and checks it hashes to `id`. No I/O.
     /// Any mismatch is [`ErrorKind::Corrupt`].
     pub fn open_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>> {
+        self.open_chunk_vec(id, bytes.to_vec(), &chunk_key(id))
+    }
+
+    fn open_chunk_vec(&self, id: &ChunkId, mut bytes: Vec<u8>, key: &str) -> Result<Vec<u8>> {
+        if crate::framed::is_framed(&bytes) {
+            let mut out = Vec::new();
+            self.open_framed(id, &mut bytes, key, &mut out)?;
+            return Ok(out);
+        }
         object::open(
             self.keys.as_ref(),
             magic::KIND_CHUNK,
             id.as_bytes(),
-            bytes.to_vec(),
+            bytes,
             self.chunk_limit(),
-            &chunk_key(id),
+            key,
+        )
+    }
+
+    fn open_framed(
+        &self,
+        id: &ChunkId,
+        sealed: &mut [u8],
+        key: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let Some(fs) = self.config.frame_size else {
+            return Err(Error::corrupt(format!(
+                "object {key} is corrupt: a framed chunk in a repository without frames"
+            )));
+        };
+        crate::framed::open_into(
+            self.keys.as_ref(),
+            id.as_bytes(),
+            sealed,
+            fs as usize,
+            self.chunk_limit(),
+            key,
+            out,
         )
     }
 
@@ -496,14 +655,7 @@ impl Repository {
     pub fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let key = chunk_key(id);
         let bytes = self.get_object(&key, "chunk")?;
-        object::open(
-            self.keys.as_ref(),
-            magic::KIND_CHUNK,
-            id.as_bytes(),
-            bytes,
-            self.chunk_limit(),
-            &key,
-        )
+        self.open_chunk_vec(id, bytes, &key)
     }
 
     /// Like [`Repository::load_chunk`], into buffers the caller reuses from one chunk to the
@@ -519,6 +671,10 @@ impl Repository {
         self.backend
             .get_into(&key, &mut bufs.sealed)
             .map_err(|e| object_read_error(e, &key, "chunk"))?;
+        if crate::framed::is_framed(&bufs.sealed) {
+            self.open_framed(id, &mut bufs.sealed, &key, &mut bufs.plain)?;
+            return Ok(&bufs.plain);
+        }
         object::open_into(
             self.keys.as_ref(),
             magic::KIND_CHUNK,

@@ -19,6 +19,17 @@ pub async fn init(global: &GlobalOpts, args: InitArgs) -> Result<()> {
             format!("chunk size {} is too large", args.chunk_size),
         )
     })?;
+    // 0 (or a frame not smaller than the chunk) means unframed chunk objects.
+    let frame_size = match u32::try_from(args.frame_size) {
+        Ok(0) => None,
+        Ok(f) => Some(f).filter(|f| *f < chunk_size),
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Usage,
+                format!("frame size {} is too large", args.frame_size),
+            ))
+        }
+    };
     let encryption = match args.encryption {
         EncryptionArg::None => Encryption::None,
         EncryptionArg::Repokey => {
@@ -44,6 +55,7 @@ pub async fn init(global: &GlobalOpts, args: InitArgs) -> Result<()> {
                 encryption,
                 chunk_size,
                 zstd_level: args.zstd_level,
+                frame_size,
             },
         )
         .map_err(|e| repo_err(e, format!("cannot create a repository at '{loc2}'")))
@@ -52,15 +64,20 @@ pub async fn init(global: &GlobalOpts, args: InitArgs) -> Result<()> {
     let id = repo.id().to_string();
     emit(
         global,
-        &json!({ "repository": loc, "id": id, "chunk_size": chunk_size, "encrypted": repo.is_encrypted() }),
+        &json!({ "repository": loc, "id": id, "chunk_size": chunk_size,
+                 "frame_size": repo.frame_size(), "encrypted": repo.is_encrypted() }),
         &format!(
-            "created {} repository {id} at {loc} (chunk size {})",
+            "created {} repository {id} at {loc} (chunk size {}{})",
             if repo.is_encrypted() {
                 "encrypted"
             } else {
                 "UNENCRYPTED"
             },
-            super::human_bytes(u64::from(chunk_size))
+            super::human_bytes(u64::from(chunk_size)),
+            match repo.frame_size() {
+                Some(f) => format!(", frames of {}", super::human_bytes(u64::from(f))),
+                None => ", unframed".to_string(),
+            }
         ),
     );
     Ok(())

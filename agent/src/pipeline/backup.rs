@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use repo_format::{ChunkId, DiskIndex, Repository};
+use repo_format::{ChunkId, DiskIndex, Repository, SealedChunk};
 use vmdisk::extent::{self, RangeSet};
 use vmdisk::nbd::Client;
 
@@ -128,12 +128,21 @@ pub async fn backup_disk(
     let data = Arc::new(data);
     let chunks_processed = Arc::new(AtomicU64::new(0));
 
+    // In an incremental, a dirty chunk whose parent is a framed object is read and sealed frame
+    // by frame: only the frames that hold a dirty block (see `frame_update`).
+    let frame_size = repo.frame_size().map(u64::from);
+    let dirty = match &mode {
+        Mode::Incremental { .. } => Some(Arc::new(to_visit.clone())),
+        Mode::Full => None,
+    };
+
     let mut results = futures::stream::iter(to_visit.chunks_touched(chunk_size).enumerate())
         .map(|(n, idx)| {
             let client = clients[n % clients.len()].clone();
             let repo = repo.clone();
             let data = data.clone();
             let base = base.clone();
+            let dirty = dirty.clone();
             let bytes_read = bytes_read.clone();
             let bytes_new = bytes_new.clone();
             let chunks_new = chunks_new.clone();
@@ -141,76 +150,59 @@ pub async fn backup_disk(
             let progress = progress.clone();
             async move {
                 let (start, end) = chunk_range(idx, chunk_size, size);
-                let chunk_len = usize::try_from(end - start).unwrap_or(0);
-                let mut pieces = RangeSet::default();
-                pieces.insert(start, end);
-                let pieces = data.intersect(&pieces);
-                let mut read = Vec::new();
-                for (s, e) in pieces.iter() {
-                    let len = u32::try_from(e - s).map_err(|_| {
-                        Error::new(ErrorKind::Other, "chunk piece larger than 4 GiB")
-                    })?;
-                    let bytes = client.read(s, len).await.ctx(ErrorKind::Source, || {
-                        format!("cannot read {len} bytes at offset {s} from the disk export")
-                    })?;
-                    if bytes.len() != len as usize {
-                        return Err(Error::new(
-                            ErrorKind::Source,
-                            "the NBD server returned a wrong amount of data",
-                        ));
+                let reader = Reader {
+                    client: &client,
+                    data: &data,
+                    bytes_read: &bytes_read,
+                };
+                let parent = base.get(idx);
+                let framed = match (parent, &dirty, frame_size) {
+                    (Some(pid), Some(dirty), Some(fs)) if end - start == chunk_size => {
+                        frame_update(&repo, &reader, dirty, pid, start, chunk_size, fs).await?
                     }
-                    bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
-                    read.push((s, bytes));
-                }
-                let any = !read.is_empty();
-                // The common case, one piece covering the whole chunk, is hashed and sealed
-                // straight from the NBD reply buffer; otherwise the pieces are placed into a
-                // zeroed chunk buffer (the gaps are unallocated or zero).
-                let buf: bytes::Bytes = match read.as_slice() {
-                    [(s, bytes)] if *s == start && bytes.len() == chunk_len => bytes.clone(),
-                    _ => {
-                        let mut buf = vec![0u8; chunk_len];
-                        for (s, bytes) in &read {
-                            let off = usize::try_from(s - start).unwrap_or(0);
-                            let dst = buf.get_mut(off..off + bytes.len()).ok_or_else(|| {
-                                Error::new(
-                                    ErrorKind::Source,
-                                    "the NBD server returned too much data",
-                                )
-                            })?;
-                            dst.copy_from_slice(bytes);
-                        }
-                        bytes::Bytes::from(buf)
+                    _ => None,
+                };
+                let entry = match framed {
+                    Some(update) => {
+                        let (sealed, all_zero) = update;
+                        let repo = repo.clone();
+                        blocking(move || {
+                            if all_zero {
+                                return Ok((None, None));
+                            }
+                            let id = sealed.id;
+                            if parent == Some(id) {
+                                return Ok((Some(id), None));
+                            }
+                            store_new(&repo, &id, || Ok(sealed)).map(|w| (Some(id), w))
+                        })
+                        .await?
+                    }
+                    None => {
+                        let buf = reader.read(start, end).await?;
+                        blocking(move || {
+                            let Some(buf) = buf.filter(|b| !is_zero(b)) else {
+                                return Ok((None, None));
+                            };
+                            let hash = repo.hash_chunk(&buf);
+                            let id = hash.id;
+                            if parent == Some(id) {
+                                return Ok((Some(id), None));
+                            }
+                            let seal = || {
+                                repo.try_seal_hashed(&hash, &buf)
+                                    .map_err(|e| repo_err(e, format!("cannot seal chunk {id}")))
+                            };
+                            store_new(&repo, &id, seal).map(|w| (Some(id), w))
+                        })
+                        .await?
                     }
                 };
-                drop(read);
-                let entry = tokio::task::spawn_blocking(move || -> Result<Option<ChunkId>> {
-                    if !any || is_zero(&buf) {
-                        return Ok(None);
-                    }
-                    let id = repo.chunk_id(&buf);
-                    if base.get(idx) == Some(id) {
-                        return Ok(Some(id));
-                    }
-                    let known = repo
-                        .has_chunk(&id)
-                        .map_err(|e| repo_err(e, format!("cannot check for chunk {id}")))?;
-                    if !known {
-                        let sealed = repo
-                            .try_seal_chunk_with_id(&id, &buf)
-                            .map_err(|e| repo_err(e, format!("cannot seal chunk {id}")))?;
-                        let written = repo
-                            .store_chunk(&sealed)
-                            .map_err(|e| repo_err(e, format!("cannot store chunk {id}")))?;
-                        if written {
-                            bytes_new.fetch_add(sealed.bytes.len() as u64, Ordering::Relaxed);
-                            chunks_new.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Ok(Some(id))
-                })
-                .await
-                .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))??;
+                let (entry, written) = entry;
+                if let Some(len) = written {
+                    bytes_new.fetch_add(len, Ordering::Relaxed);
+                    chunks_new.fetch_add(1, Ordering::Relaxed);
+                }
                 chunks_processed.fetch_add(1, Ordering::Relaxed);
                 progress.add(end - start);
                 Ok::<_, Error>((idx, entry))
@@ -238,4 +230,133 @@ pub async fn backup_disk(
         dirty_bytes,
         elapsed: start.elapsed(),
     })
+}
+
+/// Runs blocking repository work (hashing, sealing, object I/O) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
+}
+
+/// Stores the chunk `id` unless the repository has it: `Some(sealed bytes)` when this call
+/// wrote it.
+fn store_new(
+    repo: &Repository,
+    id: &ChunkId,
+    seal: impl FnOnce() -> Result<SealedChunk>,
+) -> Result<Option<u64>> {
+    let known = repo
+        .has_chunk(id)
+        .map_err(|e| repo_err(e, format!("cannot check for chunk {id}")))?;
+    if known {
+        return Ok(None);
+    }
+    let sealed = seal()?;
+    let written = repo
+        .store_chunk(&sealed)
+        .map_err(|e| repo_err(e, format!("cannot store chunk {id}")))?;
+    Ok(written.then_some(sealed.bytes.len() as u64))
+}
+
+/// Reads byte ranges of the disk: only their allocated, non-zero extents go over NBD.
+struct Reader<'a> {
+    client: &'a Client,
+    data: &'a RangeSet,
+    bytes_read: &'a AtomicU64,
+}
+
+impl Reader<'_> {
+    /// The bytes `[start, end)` of the disk, or `None` when none of them is allocated. A range
+    /// read in one piece is the NBD reply buffer itself (no copy); otherwise the pieces are placed
+    /// into a zeroed buffer (the gaps are unallocated or zero).
+    async fn read(&self, start: u64, end: u64) -> Result<Option<bytes::Bytes>> {
+        let len = usize::try_from(end - start).unwrap_or(0);
+        let mut wanted = RangeSet::default();
+        wanted.insert(start, end);
+        let pieces = self.data.intersect(&wanted);
+        let mut read = Vec::new();
+        for (s, e) in pieces.iter() {
+            let n = u32::try_from(e - s)
+                .map_err(|_| Error::new(ErrorKind::Other, "chunk piece larger than 4 GiB"))?;
+            let bytes = self.client.read(s, n).await.ctx(ErrorKind::Source, || {
+                format!("cannot read {n} bytes at offset {s} from the disk export")
+            })?;
+            if bytes.len() != n as usize {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    "the NBD server returned a wrong amount of data",
+                ));
+            }
+            self.bytes_read.fetch_add(u64::from(n), Ordering::Relaxed);
+            read.push((s, bytes));
+        }
+        match read.as_slice() {
+            [] => Ok(None),
+            [(s, bytes)] if *s == start && bytes.len() == len => Ok(Some(bytes.clone())),
+            _ => {
+                let mut buf = vec![0u8; len];
+                for (s, bytes) in &read {
+                    let off = usize::try_from(s - start).unwrap_or(0);
+                    let dst = buf.get_mut(off..off + bytes.len()).ok_or_else(|| {
+                        Error::new(ErrorKind::Source, "the NBD server returned too much data")
+                    })?;
+                    dst.copy_from_slice(bytes);
+                }
+                Ok(Some(bytes::Bytes::from(buf)))
+            }
+        }
+    }
+}
+
+/// An incremental's dirty chunk at `start` (a whole chunk) whose parent entry is `parent`: when
+/// the parent is a framed object and not every frame holds a dirty block, reads only the dirty
+/// frames and seals the new chunk from them and the parent's other frames (still sealed).
+/// Returns the new chunk and whether it is all zero; `None` when the chunk is to be read whole.
+async fn frame_update(
+    repo: &Arc<Repository>,
+    reader: &Reader<'_>,
+    dirty: &RangeSet,
+    parent: ChunkId,
+    start: u64,
+    chunk_size: u64,
+    frame_size: u64,
+) -> Result<Option<(SealedChunk, bool)>> {
+    let mut chunk = RangeSet::default();
+    chunk.insert(start, start + chunk_size);
+    let touched: Vec<u64> = dirty
+        .intersect(&chunk)
+        .chunks_touched(frame_size)
+        .map(|f| f - start / frame_size)
+        .collect();
+    if touched.is_empty() || touched.len() as u64 >= chunk_size / frame_size {
+        return Ok(None);
+    }
+    let r = repo.clone();
+    let frames = blocking(move || {
+        r.load_chunk_frames(&parent)
+            .map_err(|e| repo_err(e, format!("cannot read the parent chunk {parent}")))
+    })
+    .await?;
+    let Some(frames) = frames else {
+        return Ok(None);
+    };
+    let fs = usize::try_from(frame_size).unwrap_or(0);
+    let mut changed = Vec::with_capacity(touched.len());
+    for f in touched {
+        let s = start + f * frame_size;
+        let buf = match reader.read(s, s + frame_size).await? {
+            Some(b) => b,
+            None => bytes::Bytes::from(vec![0u8; fs]),
+        };
+        changed.push((usize::try_from(f).unwrap_or(usize::MAX), buf));
+    }
+    let r = repo.clone();
+    blocking(move || {
+        let refs: Vec<(usize, &[u8])> = changed.iter().map(|(f, b)| (*f, &b[..])).collect();
+        r.seal_chunk_update(&frames, &refs)
+            .map_err(|e| repo_err(e, format!("cannot seal the new version of chunk {parent}")))
+    })
+    .await
+    .map(Some)
 }

@@ -19,16 +19,7 @@ pub fn concurrency() -> usize {
     (cores * 2 + 4).clamp(8, 64)
 }
 
-/// True when every byte of `buf` is zero.
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(16);
-    let body_zero = chunks.by_ref().all(|c| {
-        let mut w = [0u8; 16];
-        w.copy_from_slice(c);
-        u128::from_ne_bytes(w) == 0
-    });
-    body_zero && chunks.remainder().iter().all(|&b| b == 0)
-}
+pub use repo_format::is_zero;
 
 /// The byte range `[start, end)` of chunk `idx` on a disk of `disk_size` bytes.
 pub fn chunk_range(idx: u64, chunk_size: u64, disk_size: u64) -> (u64, u64) {

@@ -66,6 +66,11 @@ struct Args {
     /// default, 1M.
     #[arg(long, default_value = "1M")]
     chunk_size: String,
+    /// Frame size of the benchmark repositories (`lifeboat repo init --frame-size`; 0 for
+    /// unframed chunks). The CPU ceilings compress and encrypt pieces of the frame size (of the
+    /// chunk size when unframed), as Lifeboat does. Default: the repository default, 64K.
+    #[arg(long, default_value = "64K")]
+    frame_size: String,
 }
 
 const MIB: u64 = 1 << 20;
@@ -123,6 +128,8 @@ struct Ctx {
     scratch: PathBuf,
     /// `--chunk-size` for `lifeboat repo init`.
     chunk_size: String,
+    /// `--frame-size` for `lifeboat repo init`.
+    frame_size: String,
     /// Where [`Ctx::discard`] moves trees to; removed with the run directory at the end.
     trash: PathBuf,
 }
@@ -154,8 +161,18 @@ impl Ctx {
 
     fn init_repo(&self, repo: &Path) -> Result<()> {
         self.discard(repo);
-        self.lb(repo, &["repo", "init", "--chunk-size", &self.chunk_size])
-            .map(|_| ())
+        self.lb(
+            repo,
+            &[
+                "repo",
+                "init",
+                "--chunk-size",
+                &self.chunk_size,
+                "--frame-size",
+                &self.frame_size,
+            ],
+        )
+        .map(|_| ())
     }
 
     /// Moves a repository (thousands of files) out of the way instead of deleting it: on an
@@ -348,12 +365,25 @@ fn main() -> Result<()> {
                 args.chunk_size
             )
         })?;
+    let frame_bytes = parse_size(&args.frame_size)
+        .ok()
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|b| *b == 0 || (b.is_power_of_two() && *b >= 64 * 1024))
+        .with_context(|| {
+            format!(
+                "--frame-size {}: not 0 or a power of two of at least 64K",
+                args.frame_size
+            )
+        })?;
+    // Frames apply only when smaller than the chunk (as `lifeboat repo init` decides).
+    let frame_bytes = Some(frame_bytes).filter(|f| *f > 0 && *f < chunk_bytes);
     let ctx = Ctx {
         lifeboat: lifeboat.to_string_lossy().into_owned(),
         key: key.to_string_lossy().into_owned(),
         work: run_dir.clone(),
         scratch: scratch.clone(),
         chunk_size: args.chunk_size.clone(),
+        frame_size: args.frame_size.clone(),
         trash: run_dir.join("trash"),
     };
 
@@ -363,10 +393,11 @@ fn main() -> Result<()> {
     let zstd_level = 3; // the repository default (`lifeboat repo init` without --zstd-level)
     let sample_limit = if args.quick { 64 * MIB } else { 256 * MIB };
     eprintln!("loading a CPU sample of the image's non-zero chunks...");
-    let sample = cpu::load_sample(&raw, chunk_bytes, sample_limit)?;
+    let sample = cpu::load_sample(&raw, frame_bytes.unwrap_or(chunk_bytes), sample_limit)?;
 
     let mut rep = Report::new(size, rounds, threads, sample.bytes());
     rep.chunk_label = size_label(chunk_bytes as u64);
+    rep.frame_label = frame_bytes.map(|f| size_label(f as u64));
     rep.loads.push(format!("start: {}", proc::loadavg()));
     let have_restic = args.peers && proc::have("restic");
     let have_borg = args.peers && proc::have("borg");

@@ -90,6 +90,8 @@ pub struct Report {
     pub loads: Vec<String>,
     /// The repositories' chunk size, e.g. "1 MiB".
     pub chunk_label: String,
+    /// "64 KiB" when chunks are sealed in frames of that size, `None` when unframed.
+    pub frame_label: Option<String>,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
     cpu: Option<Ceilings>,
@@ -144,6 +146,7 @@ impl Report {
             parallel: None,
             loads: Vec::new(),
             chunk_label: "1 MiB".into(),
+            frame_label: Some("64 KiB".into()),
             live: None,
             results: BTreeMap::new(),
             cpu: None,
@@ -257,10 +260,15 @@ impl Report {
         let _ = writeln!(
             s,
             "- Best of {} interleaved round(s); image in the page cache for every reader; repository \
-             encrypted (key file), {} chunks, zstd 3. Durability: Lifeboat fsyncs what it \
+             encrypted (key file), {} chunks{}, zstd 3. Durability: Lifeboat fsyncs what it \
              writes (objects, restored image); `qemu-img convert` is followed by `sync FILE`; \
              nbdcopy writes nothing. MB/s = 10^6 bytes/s.",
-            self.rounds, self.chunk_label
+            self.rounds,
+            self.chunk_label,
+            match &self.frame_label {
+                Some(f) => format!(" sealed in {f} frames"),
+                None => " (unframed)".into(),
+            }
         );
         let _ = writeln!(s);
 
@@ -306,9 +314,9 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| (CPU ceilings measured in-process on {} of the image's non-zero {} chunks) | |",
+                "| (CPU ceilings measured in-process on {} of the image's non-zero {} pieces) | |",
                 size_h(self.sample_bytes),
-                self.chunk_label
+                self.frame_label.as_ref().unwrap_or(&self.chunk_label)
             );
         }
         for fmt in ["qcow2", "raw"] {
@@ -636,10 +644,13 @@ impl Report {
             max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
             let _ = writeln!(
                 s,
-                "| `lifeboat backup` incremental, {} dirty (read {}: the allocated data of the {} chunks holding a dirty block; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
+                "| `lifeboat backup` incremental, {} dirty (read {}: the allocated data of the {} holding a dirty block; disk transfer {} of the command's time) | {:.2} | {:.0} | {:.0} | {:.0} % of full time | ∝ dirty | | {} | {} |",
                 size_h(f.dirty),
                 size_h(f.incr_read),
-                self.chunk_label,
+                match &self.frame_label {
+                    Some(fr) => format!("{fr} frames"),
+                    None => format!("{} chunks", self.chunk_label),
+                },
                 minmax(&f.incr_disk_secs),
                 b.secs,
                 mb(v, b.secs),

@@ -1,0 +1,721 @@
+//! Framed chunk objects (object version 2): a chunk sealed as independent frames.
+//!
+//! A chunk of `n × frame_size` bytes (`n` a power of two, at least 2) is cut into frames of
+//! `frame_size` bytes. Each frame is compressed and encrypted on its own, its AEAD bound to the
+//! frame's BLAKE3 *chaining value* (the interior hash of its subtree at its position in the
+//! chunk), and the chunk id — the ordinary keyed BLAKE3 of the whole chunk — is the root of
+//! those chaining values. An incremental backup that finds a few dirty frames in a chunk therefore
+//! reads, hashes, compresses and encrypts only those frames and copies the others, still sealed,
+//! from the parent chunk's object, and the new chunk gets the same id a full read would give it.
+//!
+//! Pure code: no I/O. The byte layout is in `FORMAT.md` ("Framed chunk objects").
+
+use blake3::hazmat::{
+    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{Tag, XNonce};
+
+use crate::crypto::{random_bytes, Keys};
+use crate::error::{Error, Result};
+use crate::magic;
+use crate::object::{compress_append, decompress_exact};
+
+/// Bytes of the fixed part of a framed object: the 8-byte object header, frame size, count.
+const FIXED_LEN: usize = magic::OBJECT_HEADER_LEN + 8;
+/// Bytes of one table entry: flags, sealed length, chaining value.
+const ENTRY_LEN: usize = 1 + 4 + 32;
+
+/// One frame's entry in an object's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FrameEntry {
+    /// [`magic::FRAME_FLAG_ZSTD`], [`magic::FRAME_FLAG_ZERO`].
+    flags: u8,
+    /// Bytes of the sealed frame in the object (0 for a zero frame).
+    sealed_len: u32,
+    /// The frame's chaining value.
+    cv: ChainingValue,
+}
+
+/// A chunk's frames as a parent for [`seal_update`]: the decrypted table and the sealed object.
+#[derive(Debug, Clone)]
+pub struct FramedChunk {
+    frame_size: usize,
+    entries: Vec<FrameEntry>,
+    /// Start of each frame in `sealed`.
+    starts: Vec<usize>,
+    sealed: Vec<u8>,
+}
+
+impl FramedChunk {
+    /// Number of frames.
+    pub fn frame_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Frame size in bytes.
+    pub fn frame_size(&self) -> usize {
+        self.frame_size
+    }
+}
+
+/// The BLAKE3 mode of this repository's ids.
+fn mode(keys: Option<&Keys>) -> Mode<'_> {
+    match keys {
+        Some(k) => Mode::KeyedHash(k.id_key()),
+        None => Mode::Hash,
+    }
+}
+
+/// Whether a chunk of `len` bytes is sealed framed with frames of `frame_size`.
+pub(crate) fn frames_for(len: usize, frame_size: usize) -> Option<usize> {
+    if frame_size == 0 || len <= frame_size || len % frame_size != 0 {
+        return None;
+    }
+    let n = len / frame_size;
+    n.is_power_of_two().then_some(n)
+}
+
+/// The chaining value of frame `index` (its bytes `frame`) of a chunk cut into `frame_size`.
+pub(crate) fn frame_cv(
+    keys: Option<&Keys>,
+    frame: &[u8],
+    index: usize,
+    frame_size: usize,
+) -> ChainingValue {
+    let mut h = match keys {
+        Some(k) => blake3::Hasher::new_keyed(k.id_key()),
+        None => blake3::Hasher::new(),
+    };
+    h.set_input_offset((index as u64).saturating_mul(frame_size as u64));
+    h.update(frame);
+    h.finalize_non_root()
+}
+
+/// The root (the chunk id) of `cvs`, the chaining values of a power-of-two number (≥ 2) of
+/// equal frames: the same value as hashing the whole chunk at once.
+pub(crate) fn merge_root(keys: Option<&Keys>, cvs: &[ChainingValue]) -> [u8; 32] {
+    let mut level: Vec<ChainingValue> = cvs.to_vec();
+    while level.len() > 2 {
+        level = level
+            .chunks_exact(2)
+            .map(|p| merge_subtrees_non_root(&p[0], &p[1], mode(keys)))
+            .collect();
+    }
+    match level.as_slice() {
+        [l, r] => *merge_subtrees_root(l, r, mode(keys)).as_bytes(),
+        // Not reached for the frame counts `frames_for` allows.
+        _ => [0; 32],
+    }
+}
+
+/// Chaining values of every frame of `data` (cut into `frame_size`).
+pub(crate) fn frame_cvs(keys: Option<&Keys>, data: &[u8], frame_size: usize) -> Vec<ChainingValue> {
+    data.chunks(frame_size)
+        .enumerate()
+        .map(|(i, f)| frame_cv(keys, f, i, frame_size))
+        .collect()
+}
+
+/// A frame to place in a new object.
+enum Source<'a> {
+    /// Copied sealed from a parent object.
+    Reuse(FrameEntry, &'a [u8]),
+    /// Sealed afresh from its plaintext.
+    New(ChainingValue, &'a [u8]),
+}
+
+fn frame_aad(frame_size: u32, flags: u8, cv: &ChainingValue) -> [u8; 41] {
+    let mut aad = [0u8; 41];
+    aad[..4].copy_from_slice(&magic::FRAME_AAD_MAGIC);
+    aad[4..8].copy_from_slice(&frame_size.to_le_bytes());
+    aad[8] = flags;
+    aad[9..].copy_from_slice(cv);
+    aad
+}
+
+fn table_aad(fixed: &[u8; FIXED_LEN], id: &[u8; 32]) -> [u8; FIXED_LEN + 32] {
+    let mut aad = [0u8; FIXED_LEN + 32];
+    aad[..FIXED_LEN].copy_from_slice(fixed);
+    aad[FIXED_LEN..].copy_from_slice(id);
+    aad
+}
+
+fn fixed_header(encrypted: bool, frame_size: u32, n: u32) -> [u8; FIXED_LEN] {
+    let m = magic::OBJECT_MAGIC;
+    let flags = if encrypted { magic::FLAG_ENCRYPTED } else { 0 };
+    let mut h = [0u8; FIXED_LEN];
+    h[..8].copy_from_slice(&[
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        magic::OBJECT_VERSION_FRAMED,
+        magic::KIND_CHUNK,
+        flags,
+        0,
+    ]);
+    h[8..12].copy_from_slice(&frame_size.to_le_bytes());
+    h[12..16].copy_from_slice(&n.to_le_bytes());
+    h
+}
+
+fn too_large() -> Error {
+    Error::invalid("frame too large to seal")
+}
+
+/// Builds the object of chunk `id` from its frames, in order.
+fn assemble(
+    keys: Option<&Keys>,
+    id: &[u8; 32],
+    frame_size: usize,
+    frames: &[Source<'_>],
+    zstd_level: i32,
+) -> Result<Vec<u8>> {
+    let fs32 = u32::try_from(frame_size).map_err(|_| too_large())?;
+    let n32 = u32::try_from(frames.len()).map_err(|_| too_large())?;
+    let overhead = if keys.is_some() {
+        magic::NONCE_LEN + magic::TAG_LEN
+    } else {
+        0
+    };
+    let table_len = frames.len() * ENTRY_LEN + overhead;
+    let fixed = fixed_header(keys.is_some(), fs32, n32);
+    let mut out = Vec::with_capacity(FIXED_LEN + table_len + frames.len() * (frame_size / 2));
+    out.extend_from_slice(&fixed);
+    out.resize(FIXED_LEN + table_len, 0);
+    let mut entries = Vec::with_capacity(frames.len());
+    for f in frames {
+        let start = out.len();
+        let entry = match f {
+            Source::Reuse(e, bytes) => {
+                out.extend_from_slice(bytes);
+                *e
+            }
+            Source::New(cv, plain) => {
+                let mut flags = 0u8;
+                if crate::is_zero(plain) {
+                    flags |= magic::FRAME_FLAG_ZERO;
+                } else {
+                    out.resize(start + if keys.is_some() { magic::NONCE_LEN } else { 0 }, 0);
+                    let body = out.len();
+                    if compress_append(plain, zstd_level, &mut out) {
+                        flags |= magic::FRAME_FLAG_ZSTD;
+                    } else {
+                        out.extend_from_slice(plain);
+                    }
+                    if let Some(k) = keys {
+                        let mut nonce = [0u8; magic::NONCE_LEN];
+                        random_bytes(&mut nonce)?;
+                        out[start..body].copy_from_slice(&nonce);
+                        let tag = k
+                            .cipher()
+                            .encrypt_in_place_detached(
+                                XNonce::from_slice(&nonce),
+                                &frame_aad(fs32, flags, cv),
+                                &mut out[body..],
+                            )
+                            .map_err(|_| too_large())?;
+                        out.extend_from_slice(&tag);
+                    }
+                }
+                FrameEntry {
+                    flags,
+                    sealed_len: u32::try_from(out.len() - start).map_err(|_| too_large())?,
+                    cv: *cv,
+                }
+            }
+        };
+        entries.push(entry);
+    }
+    // The table, now that every frame's length is known.
+    let mut table = Vec::with_capacity(table_len);
+    if keys.is_some() {
+        let mut nonce = [0u8; magic::NONCE_LEN];
+        random_bytes(&mut nonce)?;
+        table.extend_from_slice(&nonce);
+    }
+    let body = table.len();
+    for e in &entries {
+        table.push(e.flags);
+        table.extend_from_slice(&e.sealed_len.to_le_bytes());
+        table.extend_from_slice(&e.cv);
+    }
+    if let Some(k) = keys {
+        let nonce = XNonce::clone_from_slice(&table[..magic::NONCE_LEN]);
+        let tag = k
+            .cipher()
+            .encrypt_in_place_detached(&nonce, &table_aad(&fixed, id), &mut table[body..])
+            .map_err(|_| too_large())?;
+        table.extend_from_slice(&tag);
+    }
+    out[FIXED_LEN..FIXED_LEN + table_len].copy_from_slice(&table);
+    Ok(out)
+}
+
+/// Seals `data` (exactly `cvs.len() × frame_size` bytes, `cvs` its frames' chaining values,
+/// `id` their root) as a framed object.
+pub(crate) fn seal(
+    keys: Option<&Keys>,
+    id: &[u8; 32],
+    data: &[u8],
+    cvs: &[ChainingValue],
+    frame_size: usize,
+    zstd_level: i32,
+) -> Result<Vec<u8>> {
+    if frames_for(data.len(), frame_size) != Some(cvs.len()) {
+        return Err(Error::invalid("chunk does not divide into its frames"));
+    }
+    let frames: Vec<Source<'_>> = data
+        .chunks(frame_size)
+        .zip(cvs)
+        .map(|(f, cv)| Source::New(*cv, f))
+        .collect();
+    assemble(keys, id, frame_size, &frames, zstd_level)
+}
+
+/// Whether a sealed object is a framed chunk object (by its version byte).
+pub(crate) fn is_framed(sealed: &[u8]) -> bool {
+    sealed.get(4) == Some(&magic::OBJECT_VERSION_FRAMED)
+}
+
+/// Checks the fixed header and decrypts the table of a framed object in place. Returns the
+/// frame size, the entries and each frame's start.
+fn parse(
+    keys: Option<&Keys>,
+    id: &[u8; 32],
+    sealed: &mut [u8],
+    frame_size: usize,
+    limit: usize,
+    name: &str,
+) -> Result<(Vec<FrameEntry>, Vec<usize>)> {
+    let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
+    let Some(fixed) = sealed.first_chunk::<FIXED_LEN>().copied() else {
+        return Err(corrupt("truncated header"));
+    };
+    if fixed[..4] != magic::OBJECT_MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    if fixed[4] != magic::OBJECT_VERSION_FRAMED || fixed[5] != magic::KIND_CHUNK {
+        return Err(corrupt("not a framed chunk object"));
+    }
+    let flags = fixed[6];
+    if flags & !magic::FLAG_ENCRYPTED != 0 || fixed[7] != 0 {
+        return Err(corrupt("unknown flags or non-zero reserved byte"));
+    }
+    if (flags & magic::FLAG_ENCRYPTED != 0) != keys.is_some() {
+        return Err(corrupt("its encryption does not match the repository's"));
+    }
+    let fs = u32::from_le_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]) as usize;
+    let n = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]) as usize;
+    if fs != frame_size {
+        return Err(corrupt(&format!(
+            "frame size {fs} is not the repository's {frame_size}"
+        )));
+    }
+    match n.checked_mul(fs) {
+        Some(len) if len <= limit && frames_for(len, fs) == Some(n) => {}
+        _ => return Err(corrupt(&format!("bad frame count {n}"))),
+    }
+    let overhead = if keys.is_some() {
+        magic::NONCE_LEN + magic::TAG_LEN
+    } else {
+        0
+    };
+    let table_end = FIXED_LEN + n * ENTRY_LEN + overhead;
+    if sealed.len() < table_end {
+        return Err(corrupt("truncated frame table"));
+    }
+    let auth_failed = || corrupt("authentication failed (tampered, truncated or misnamed)");
+    let plain_start = if let Some(k) = keys {
+        let nonce = XNonce::clone_from_slice(&sealed[FIXED_LEN..FIXED_LEN + magic::NONCE_LEN]);
+        let (head, tag) = sealed[..table_end].split_at_mut(table_end - magic::TAG_LEN);
+        k.cipher()
+            .decrypt_in_place_detached(
+                &nonce,
+                &table_aad(&fixed, id),
+                &mut head[FIXED_LEN + magic::NONCE_LEN..],
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| auth_failed())?;
+        FIXED_LEN + magic::NONCE_LEN
+    } else {
+        FIXED_LEN
+    };
+    let mut entries = Vec::with_capacity(n);
+    let mut starts = Vec::with_capacity(n);
+    let mut pos = table_end;
+    for raw in sealed[plain_start..plain_start + n * ENTRY_LEN].chunks_exact(ENTRY_LEN) {
+        let flags = raw[0];
+        let sealed_len = u32::from_le_bytes([raw[1], raw[2], raw[3], raw[4]]);
+        let mut cv = [0u8; 32];
+        cv.copy_from_slice(&raw[5..]);
+        let zero = flags & magic::FRAME_FLAG_ZERO != 0;
+        if flags & !(magic::FRAME_FLAG_ZSTD | magic::FRAME_FLAG_ZERO) != 0
+            || (zero && (sealed_len != 0 || flags != magic::FRAME_FLAG_ZERO))
+            || (!zero && (sealed_len as usize) < overhead)
+        {
+            return Err(corrupt("bad frame table entry"));
+        }
+        starts.push(pos);
+        pos = pos
+            .checked_add(sealed_len as usize)
+            .filter(|p| *p <= sealed.len())
+            .ok_or_else(|| corrupt("truncated frames"))?;
+        entries.push(FrameEntry {
+            flags,
+            sealed_len,
+            cv,
+        });
+    }
+    if pos != sealed.len() {
+        return Err(corrupt("trailing bytes after the last frame"));
+    }
+    Ok((entries, starts))
+}
+
+/// Opens frame `entry` at `sealed[start..]` in place into `out` (exactly `frame_size` bytes).
+fn open_frame(
+    keys: Option<&Keys>,
+    entry: &FrameEntry,
+    sealed: &mut [u8],
+    frame_size: usize,
+    out: &mut [u8],
+    name: &str,
+) -> Result<()> {
+    let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
+    if entry.flags & magic::FRAME_FLAG_ZERO != 0 {
+        out.fill(0);
+        return Ok(());
+    }
+    let payload: &[u8] = if let Some(k) = keys {
+        let nonce = XNonce::clone_from_slice(&sealed[..magic::NONCE_LEN]);
+        let end = sealed.len() - magic::TAG_LEN;
+        let (head, tag) = sealed.split_at_mut(end);
+        k.cipher()
+            .decrypt_in_place_detached(
+                &nonce,
+                &frame_aad(frame_size as u32, entry.flags, &entry.cv),
+                &mut head[magic::NONCE_LEN..],
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| corrupt("frame authentication failed (tampered or moved)"))?;
+        &sealed[magic::NONCE_LEN..end]
+    } else {
+        sealed
+    };
+    if entry.flags & magic::FRAME_FLAG_ZSTD != 0 {
+        decompress_exact(payload, out).map_err(|e| {
+            Error::with_source(
+                crate::ErrorKind::Corrupt,
+                format!("object {name} is corrupt: cannot decompress a frame"),
+                e,
+            )
+        })
+    } else if payload.len() == out.len() {
+        out.copy_from_slice(payload);
+        Ok(())
+    } else {
+        Err(corrupt("stored frame of the wrong length"))
+    }
+}
+
+/// Opens a framed chunk object: authenticates the table and every frame, decompresses into
+/// `out` (replaced, capacity reused) and checks the whole plaintext against `id`. Decrypts in
+/// `sealed`. Every failure is [`crate::ErrorKind::Corrupt`] naming `name`.
+pub(crate) fn open_into(
+    keys: Option<&Keys>,
+    id: &[u8; 32],
+    sealed: &mut [u8],
+    frame_size: usize,
+    limit: usize,
+    name: &str,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let (entries, starts) = parse(keys, id, sealed, frame_size, limit, name)?;
+    out.clear();
+    out.resize(entries.len() * frame_size, 0);
+    for (i, (e, s)) in entries.iter().zip(&starts).enumerate() {
+        let frame = &mut sealed[*s..*s + e.sealed_len as usize];
+        let dst = &mut out[i * frame_size..(i + 1) * frame_size];
+        open_frame(keys, e, frame, frame_size, dst, name)?;
+    }
+    if crate::object::object_hash(keys, out) != *id {
+        return Err(Error::corrupt(format!(
+            "object {name} is corrupt: content does not match its id"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the frame table of chunk `id`'s sealed object, to use it as the parent of
+/// [`seal_update`]. `Ok(None)` for an unframed (version 1) object.
+pub(crate) fn parse_parent(
+    keys: Option<&Keys>,
+    id: &[u8; 32],
+    mut sealed: Vec<u8>,
+    frame_size: usize,
+    limit: usize,
+    name: &str,
+) -> Result<Option<FramedChunk>> {
+    if !is_framed(&sealed) {
+        return Ok(None);
+    }
+    // The table is decrypted on a copy of its bytes: the frames must stay sealed for reuse.
+    let (entries, starts) = parse(keys, id, &mut sealed, frame_size, limit, name)?;
+    Ok(Some(FramedChunk {
+        frame_size,
+        entries,
+        starts,
+        sealed,
+    }))
+}
+
+/// What [`seal_update`] made.
+#[derive(Debug)]
+pub struct UpdatedChunk {
+    /// Id of the new chunk.
+    pub id: [u8; 32],
+    /// Its sealed object.
+    pub sealed: Vec<u8>,
+    /// Whether every frame of the new chunk is zero.
+    pub all_zero: bool,
+}
+
+/// The chunk `parent` with the frames in `changed` (frame number, new plaintext of
+/// `frame_size` bytes) replaced: hashes, compresses and encrypts only the changed frames and
+/// copies the others sealed. Frames of a parent must be authentic for this to be sound: the
+/// new id covers their chaining values, and restore re-hashes everything it opens.
+pub(crate) fn seal_update(
+    keys: Option<&Keys>,
+    parent: &FramedChunk,
+    changed: &[(usize, &[u8])],
+    zstd_level: i32,
+) -> Result<UpdatedChunk> {
+    let fs = parent.frame_size;
+    let mut new: Vec<Option<(ChainingValue, &[u8])>> = vec![None; parent.entries.len()];
+    for (i, plain) in changed {
+        if plain.len() != fs || *i >= new.len() {
+            return Err(Error::invalid(
+                "changed frame out of range or of the wrong size",
+            ));
+        }
+        new[*i] = Some((frame_cv(keys, plain, *i, fs), plain));
+    }
+    let mut cvs = Vec::with_capacity(new.len());
+    let mut all_zero = true;
+    let mut frames = Vec::with_capacity(new.len());
+    for (i, n) in new.iter().enumerate() {
+        match n {
+            Some((cv, plain)) => {
+                cvs.push(*cv);
+                all_zero &= crate::is_zero(plain);
+                frames.push(Source::New(*cv, plain));
+            }
+            None => {
+                let e = parent.entries[i];
+                cvs.push(e.cv);
+                all_zero &= e.flags & magic::FRAME_FLAG_ZERO != 0;
+                let s = parent.starts[i];
+                frames.push(Source::Reuse(
+                    e,
+                    &parent.sealed[s..s + e.sealed_len as usize],
+                ));
+            }
+        }
+    }
+    let id = merge_root(keys, &cvs);
+    let sealed = assemble(keys, &id, fs, &frames, zstd_level)?;
+    Ok(UpdatedChunk {
+        id,
+        sealed,
+        all_zero,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FS: usize = 64 << 10;
+
+    fn keys() -> Keys {
+        Keys::from_master([9; 32])
+    }
+
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        // Half compressible text, half pseudo-random bytes, some zero frames.
+        let mut v = Vec::with_capacity(n * FS);
+        let mut x = u32::from(seed) | 1;
+        for f in 0..n {
+            for i in 0..FS {
+                let b = match f % 4 {
+                    0 => b"lifeboat frames "[i % 16],
+                    1 => {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x as u8
+                    }
+                    2 => 0,
+                    _ => (i / 100) as u8 ^ seed,
+                };
+                v.push(b);
+            }
+        }
+        v
+    }
+
+    fn seal_fresh(k: Option<&Keys>, d: &[u8]) -> ([u8; 32], Vec<u8>) {
+        let cvs = frame_cvs(k, d, FS);
+        let id = merge_root(k, &cvs);
+        (id, seal(k, &id, d, &cvs, FS, 3).unwrap())
+    }
+
+    #[test]
+    fn root_of_frames_is_the_plain_hash() {
+        for n in [2usize, 4, 16, 64] {
+            let d = data(n, 3);
+            for k in [None, Some(keys())] {
+                let cvs = frame_cvs(k.as_ref(), &d, FS);
+                assert_eq!(
+                    merge_root(k.as_ref(), &cvs),
+                    crate::object::object_hash(k.as_ref(), &d),
+                    "{n} frames"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_and_zero_frames_cost_nothing() {
+        let d = data(16, 1);
+        for k in [None, Some(keys())] {
+            let (id, mut sealed) = seal_fresh(k.as_ref(), &d);
+            assert!(is_framed(&sealed));
+            let mut out = Vec::new();
+            open_into(k.as_ref(), &id, &mut sealed, FS, 1 << 20, "x", &mut out).unwrap();
+            assert_eq!(out, d);
+        }
+        let zeros = vec![0u8; 16 * FS];
+        let (_, sealed) = seal_fresh(Some(&keys()), &zeros);
+        assert!(
+            sealed.len() < 1024,
+            "{} bytes for 16 zero frames",
+            sealed.len()
+        );
+    }
+
+    #[test]
+    fn update_equals_fresh_seal() {
+        let k = keys();
+        let old = data(16, 1);
+        let (old_id, old_sealed) = seal_fresh(Some(&k), &old);
+        let parent = parse_parent(Some(&k), &old_id, old_sealed, FS, 1 << 20, "p")
+            .unwrap()
+            .unwrap();
+        let mut new = old.clone();
+        let f5 = vec![0xabu8; FS];
+        let f2 = data(1, 7);
+        new[5 * FS..6 * FS].copy_from_slice(&f5);
+        new[2 * FS..3 * FS].copy_from_slice(&f2);
+        let up = seal_update(Some(&k), &parent, &[(5, &f5), (2, &f2)], 3).unwrap();
+        assert_eq!(up.id, crate::object::object_hash(Some(&k), &new));
+        assert!(!up.all_zero);
+        let mut sealed = up.sealed.clone();
+        let mut out = Vec::new();
+        open_into(Some(&k), &up.id, &mut sealed, FS, 1 << 20, "x", &mut out).unwrap();
+        assert_eq!(out, new);
+        // Unchanged frames were copied, not re-sealed: their bytes are in the new object.
+        let s = parent.starts[0];
+        let f0 = &parent.sealed[s..s + parent.entries[0].sealed_len as usize];
+        assert!(up.sealed.windows(f0.len()).any(|w| w == f0));
+    }
+
+    #[test]
+    fn update_to_all_zero_is_reported() {
+        let k = keys();
+        let mut old = vec![0u8; 4 * FS];
+        old[FS + 3] = 1;
+        let (id, sealed) = seal_fresh(Some(&k), &old);
+        let parent = parse_parent(Some(&k), &id, sealed, FS, 1 << 20, "p")
+            .unwrap()
+            .unwrap();
+        let z = vec![0u8; FS];
+        let up = seal_update(Some(&k), &parent, &[(1, &z)], 3).unwrap();
+        assert!(up.all_zero);
+        assert_eq!(
+            up.id,
+            crate::object::object_hash(Some(&k), &vec![0u8; 4 * FS])
+        );
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let k = keys();
+        let d = data(8, 2);
+        let (id, sealed) = seal_fresh(Some(&k), &d);
+        let open = |b: &[u8], id: &[u8; 32]| {
+            let mut b = b.to_vec();
+            let mut out = Vec::new();
+            open_into(Some(&k), id, &mut b, FS, 1 << 20, "x", &mut out)
+        };
+        // Every byte flipped somewhere in the object.
+        for pos in (0..sealed.len())
+            .step_by(997)
+            .chain([sealed.len() - 1, 9, 13])
+        {
+            let mut b = sealed.clone();
+            b[pos] ^= 0x40;
+            assert!(open(&b, &id).is_err(), "flip at {pos}");
+        }
+        // Truncated, extended, opened under another id or frame size.
+        assert!(open(&sealed[..sealed.len() - 1], &id).is_err());
+        let mut longer = sealed.clone();
+        longer.push(0);
+        assert!(open(&longer, &id).is_err());
+        assert!(open(&sealed, &[1; 32]).is_err());
+        let mut b = sealed.clone();
+        let mut out = Vec::new();
+        assert!(open_into(Some(&k), &id, &mut b, FS * 2, 1 << 20, "x", &mut out).is_err());
+        // Unencrypted object in an encrypted repository and the reverse.
+        let (pid, plain_obj) = seal_fresh(None, &d);
+        let mut b = plain_obj.clone();
+        assert!(open_into(Some(&k), &pid, &mut b, FS, 1 << 20, "x", &mut out).is_err());
+        let mut b = sealed.clone();
+        assert!(open_into(None, &id, &mut b, FS, 1 << 20, "x", &mut out).is_err());
+        // A frame count over the limit.
+        let mut b = sealed.clone();
+        assert!(open_into(Some(&k), &id, &mut b, FS, 4 * FS, "x", &mut out).is_err());
+    }
+
+    #[test]
+    fn frames_swapped_between_positions_fail() {
+        // Unencrypted: swap two equal-length stored frames and their table entries; the
+        // position-bound chaining values no longer hash to the id.
+        let mut d = vec![0u8; 4 * FS];
+        d[..FS].fill(1);
+        d[FS..2 * FS].fill(2);
+        let (id, sealed) = seal_fresh(None, &d);
+        let mut b = sealed.clone();
+        let (e, s) = parse(None, &id, &mut b, FS, 1 << 20, "x").unwrap();
+        assert_eq!(e[0].sealed_len, e[1].sealed_len);
+        let l = e[0].sealed_len as usize;
+        let mut swapped = sealed.clone();
+        let f0 = sealed[s[0]..s[0] + l].to_vec();
+        let f1 = sealed[s[1]..s[1] + l].to_vec();
+        swapped[s[0]..s[0] + l].copy_from_slice(&f1);
+        swapped[s[1]..s[1] + l].copy_from_slice(&f0);
+        let mut out = Vec::new();
+        assert!(open_into(None, &id, &mut swapped, FS, 1 << 20, "x", &mut out).is_err());
+    }
+
+    #[test]
+    fn frame_counts() {
+        assert_eq!(frames_for(1 << 20, FS), Some(16));
+        assert_eq!(frames_for(FS, FS), None);
+        assert_eq!(frames_for(3 * FS, FS), None);
+        assert_eq!(frames_for(FS + 1, FS), None);
+        assert_eq!(frames_for(1 << 20, 0), None);
+    }
+}
