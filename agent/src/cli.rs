@@ -186,9 +186,11 @@ pub struct InitArgs {
     pub encryption: EncryptionArg,
     /// Chunk size: a power of two, a multiple of 64 KiB (e.g. 1M, 4M, 256K).
     ///
-    /// An incremental backup reads and stores every chunk that holds a changed block: smaller
-    /// chunks (256K) suit VMs whose writes are small and scattered (≈ 3.6× less read for a
-    /// scattered 1 % rewrite than 1M); larger ones make full backups cheaper (fewer objects).
+    /// The unit of deduplication and of storage: an incremental backup stores a new version of
+    /// every chunk that holds a changed block. With frames (the default, see --frame-size) it
+    /// reads and seals only the changed frames of such a chunk; without frames it reads the
+    /// whole chunk, so that smaller chunks (256K) suit VMs whose writes are small and
+    /// scattered. Larger chunks make full backups cheaper (fewer objects).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     pub chunk_size: u64,
     /// zstd compression level.
