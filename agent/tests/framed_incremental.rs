@@ -128,3 +128,28 @@ fn bad_frame_sizes_are_usage_errors() {
         serde_json::from_slice(&std::fs::read(env.repo.join("config")).unwrap()).unwrap();
     assert_eq!(config["version"], 1, "{config}");
 }
+
+#[test]
+fn damaged_parent_chunks_make_the_incremental_read_whole_chunks_not_fail() {
+    let env = Env::with_repo();
+    let img = env.path("d.qcow2");
+    mixed_image(SIZE_MIB, "qcow2", &img);
+    env.backup(&img, "f", "vda");
+    // Damage every stored chunk's frame table (byte 20 lies in it, or in a v1 object's nonce).
+    let chunks = files_under(&env.repo.join("chunks"));
+    assert!(!chunks.is_empty());
+    for c in &chunks {
+        flip_byte(c, 20);
+    }
+    let cmds = writes();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&img, "qcow2", &cmds);
+    let inc = env.backup(&img, "f", "vda");
+    assert_eq!(inc.mode, "incremental", "{inc:?}");
+    // The dirty chunks of the random area were read whole, and stored anew.
+    assert!(inc.bytes_read >= 8 * MIB, "{inc:?}");
+    assert!(inc.chunks_new >= 8, "{inc:?}");
+    // The damage itself is what verify reports.
+    env.run(&["verify", "--read-data"])
+        .assert_fails(6, "problem");
+}

@@ -333,13 +333,20 @@ async fn frame_update(
         return Ok(None);
     }
     let r = repo.clone();
-    let frames = blocking(move || {
-        r.load_chunk_frames(&parent)
-            .map_err(|e| repo_err(e, format!("cannot read the parent chunk {parent}")))
-    })
-    .await?;
-    let Some(frames) = frames else {
-        return Ok(None);
+    let frames = blocking(move || Ok(r.load_chunk_frames(&parent))).await?;
+    let frames = match frames {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(None),
+        // A parent that cannot be read (missing, damaged) must not fail the backup: the chunk
+        // is read whole instead, which does not depend on it. `verify` reports the parent.
+        Err(e) => {
+            tracing::warn!(
+                chunk = %parent,
+                error = %crate::error::format_chain(&e),
+                "cannot read the previous version of a chunk; reading it whole"
+            );
+            return Ok(None);
+        }
     };
     let fs = usize::try_from(frame_size).unwrap_or(0);
     let mut changed = Vec::with_capacity(touched.len());
