@@ -22,7 +22,7 @@
 //! - [`Error`] with its [`ErrorKind`].
 //!
 //! Format code (ids, keys, sealing, index, manifest and boot-test encoding) does no I/O; only
-//! [`backend`] and [`Repository`]'s storage methods do (`repository.rs`, and the boot-test
+//! [`backend`] and [`Repository`]'s storage methods do (`repository/`, and the boot-test
 //! storage methods in `boottest_store.rs`).
 //!
 //! # Example
