@@ -37,7 +37,8 @@ pub(crate) struct FrameEntry {
     cv: ChainingValue,
 }
 
-/// A chunk's frames as a parent for [`seal_update`]: the decrypted table and the sealed object.
+/// A chunk's frames as a parent for [`crate::Repository::seal_chunk_update`]: the decrypted table and
+/// the sealed object.
 #[derive(Debug, Clone)]
 pub struct FramedChunk {
     frame_size: usize,
@@ -471,7 +472,7 @@ pub(crate) fn parse_parent(
     }))
 }
 
-/// What [`seal_update`] made.
+/// What a frame update made (internal to [`crate::Repository::seal_chunk_update`]).
 #[derive(Debug)]
 pub struct UpdatedChunk {
     /// Id of the new chunk.
