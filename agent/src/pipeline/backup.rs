@@ -131,10 +131,7 @@ pub async fn backup_disk(
     // In an incremental, a dirty chunk whose parent is a framed object is read and sealed frame
     // by frame: only the frames that hold a dirty block (see `frame_update`).
     let frame_size = repo.frame_size().map(u64::from);
-    let dirty = match &mode {
-        Mode::Incremental { .. } => Some(Arc::new(to_visit.clone())),
-        Mode::Full => None,
-    };
+    let dirty = matches!(mode, Mode::Incremental { .. }).then_some(&to_visit);
 
     let mut results = futures::stream::iter(to_visit.chunks_touched(chunk_size).enumerate())
         .map(|(n, idx)| {
@@ -142,7 +139,6 @@ pub async fn backup_disk(
             let repo = repo.clone();
             let data = data.clone();
             let base = base.clone();
-            let dirty = dirty.clone();
             let bytes_read = bytes_read.clone();
             let bytes_new = bytes_new.clone();
             let chunks_new = chunks_new.clone();
@@ -156,7 +152,7 @@ pub async fn backup_disk(
                     bytes_read: &bytes_read,
                 };
                 let parent = base.get(idx);
-                let framed = match (parent, &dirty, frame_size) {
+                let framed = match (parent, dirty, frame_size) {
                     (Some(pid), Some(dirty), Some(fs)) if end - start == chunk_size => {
                         frame_update(&repo, &reader, dirty, pid, start, chunk_size, fs).await?
                     }
