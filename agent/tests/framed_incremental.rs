@@ -2,7 +2,9 @@
 //! writes into a repository with frames reads exactly the dirty frames over NBD (an unframed
 //! repository reads whole chunks for the same writes); a frame zeroed later turns its chunk into
 //! a zero entry without any read; every snapshot restores to its own content; `verify
-//! --read-data` opens every frame; and the repository config says version 2 with its frame size.
+//! --read-data` opens every frame; and the repository config says version 3 with its frame size.
+//! The new versions are delta objects (FORMAT.md 1.6b) that store only the dirty frames and
+//! take the others from their base; a missing base is reported, never silently built upon.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -44,7 +46,7 @@ fn framed_incremental_reads_only_dirty_frames_and_restores() {
     let env = Env::with_repo();
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.repo.join("config")).unwrap()).unwrap();
-    assert_eq!(config["version"], 2, "{config}");
+    assert_eq!(config["version"], 3, "{config}");
     assert_eq!(config["frame_size"], FRAME, "{config}");
 
     let img = env.path("f.qcow2");
@@ -57,6 +59,14 @@ fn framed_incremental_reads_only_dirty_frames_and_restores() {
         "an incremental of {n} aligned 64 KiB writes must read exactly those frames: {inc:?}"
     );
     assert_eq!(inc.chunks_new, n, "{inc:?}");
+    // Each new version stores its one dirty frame and a table, not the chunk's other frames.
+    assert!(
+        inc.bytes_new < n * (FRAME + 2048),
+        "{} bytes stored for {n} dirty frames: {inc:?}",
+        inc.bytes_new
+    );
+    let deltas = delta_objects(&env);
+    assert_eq!(deltas.len() as u64, n, "{deltas:?}");
     let v1 = env.path("v1.qcow2");
     sparse_copy(&img, &v1);
 
@@ -88,6 +98,64 @@ fn framed_incremental_reads_only_dirty_frames_and_restores() {
     }
     let v = env.json(&["verify", "--read-data"]);
     assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+}
+
+/// The chunk objects of `env`'s repository that are delta objects (version byte 3).
+fn delta_objects(env: &Env) -> Vec<std::path::PathBuf> {
+    files_under(&env.repo.join("chunks"))
+        .into_iter()
+        .filter(|p| std::fs::read(p).unwrap().get(4) == Some(&3))
+        .collect()
+}
+
+#[test]
+fn a_missing_base_fails_restore_and_verify_and_is_not_built_upon() {
+    let env = Env::with_repo();
+    let img = env.path("m.qcow2");
+    let (full, inc) = backup_with_writes(&env, &img, &env.path("v0.qcow2"));
+    let deltas = delta_objects(&env);
+    assert!(!deltas.is_empty());
+    // Remove the base of one delta object (named in bytes 16..48 of its header).
+    let d = std::fs::read(&deltas[0]).unwrap();
+    let base = hex(&d[16..48]);
+    let base_path = env.repo.join("chunks").join(&base[..2]).join(&base);
+    std::fs::remove_file(&base_path).unwrap();
+    let (o1, o2) = (env.path("o1"), env.path("o2"));
+    env.run(&[
+        "restore",
+        &inc.snapshot,
+        "--to",
+        o1.to_str().unwrap(),
+        "--format",
+        "raw",
+    ])
+    .assert_fails(6, "base object");
+    env.run(&[
+        "restore",
+        &full.snapshot,
+        "--to",
+        o2.to_str().unwrap(),
+        "--format",
+        "raw",
+    ])
+    .assert_fails(6, "not found");
+    env.run(&["verify", "--read-data"])
+        .assert_fails(6, "problem");
+    // The next incremental writes into every chunk again: the one whose base is gone is read
+    // whole (its new version does not refer to the missing object) and restores.
+    let cmds: Vec<String> = writes().iter().map(|w| w.replace("-P ", "-P 1")).collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&img, "qcow2", &cmds);
+    let next = env.backup(&img, "f", "vda");
+    assert_eq!(next.mode, "incremental", "{next:?}");
+    assert!(next.bytes_read > writes().len() as u64 * FRAME, "{next:?}");
+    let out = env.path("out-next");
+    env.restore(&next.snapshot, &out, &["--format", "raw"]);
+    assert_identical(&img, &out.join("vda.raw"));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

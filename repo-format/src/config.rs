@@ -23,7 +23,8 @@ pub enum EncryptionScheme {
 pub struct Config {
     /// Always `"lifeboat-repo"`.
     pub format: String,
-    /// Repository format version (1).
+    /// Repository format version: 1 (unframed), 2 (framed chunk objects) or 3 (framed and
+    /// delta chunk objects).
     pub version: u32,
     /// Random repository id (32 hex digits).
     pub id: String,
@@ -35,7 +36,7 @@ pub struct Config {
     pub compression: String,
     /// zstd level used when writing.
     pub zstd_level: i32,
-    /// Frame size of framed chunk objects (version 2 only; see FORMAT.md, "Framed chunk
+    /// Frame size of framed chunk objects (versions 2 and 3; see FORMAT.md, "Framed chunk
     /// objects"). `None` in a version-1 repository: every chunk object is unframed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame_size: Option<u32>,
@@ -90,15 +91,14 @@ impl Config {
         match obj.get("version").and_then(|v| v.as_u64()) {
             Some(v)
                 if v == u64::from(magic::CONFIG_VERSION)
-                    || v == u64::from(magic::CONFIG_VERSION_FRAMED) => {}
-            Some(v) => {
-                return Err(Error::new(
-                    ErrorKind::UnsupportedVersion,
-                    format!(
-                        "repository format version {v} is not supported (this build reads 1 and 2)"
-                    ),
-                ))
-            }
+                    || v == u64::from(magic::CONFIG_VERSION_FRAMED)
+                    || v == u64::from(magic::CONFIG_VERSION_DELTA) => {}
+            Some(v) => return Err(Error::new(
+                ErrorKind::UnsupportedVersion,
+                format!(
+                    "repository format version {v} is not supported (this build reads 1, 2 and 3)"
+                ),
+            )),
             None => return Err(Error::corrupt("config has no valid version")),
         }
         if let Some(e) = obj.get("encryption").and_then(|e| e.as_str()) {
@@ -124,13 +124,14 @@ impl Config {
         })?;
         match (config.version, config.frame_size) {
             (magic::CONFIG_VERSION, None) => {}
-            (magic::CONFIG_VERSION_FRAMED, Some(f)) => validate_frame_size(f, config.chunk_size)
-                .map_err(|e| {
+            (magic::CONFIG_VERSION_FRAMED | magic::CONFIG_VERSION_DELTA, Some(f)) => {
+                validate_frame_size(f, config.chunk_size).map_err(|e| {
                     Error::with_source(ErrorKind::Corrupt, "config is corrupt: bad frame size", e)
-                })?,
+                })?
+            }
             _ => {
                 return Err(Error::corrupt(
-                    "config is corrupt: frame_size must be present exactly in version 2",
+                    "config is corrupt: frame_size must be present exactly in versions 2 and 3",
                 ))
             }
         }
@@ -217,15 +218,15 @@ mod tests {
                 ErrorKind::NotARepository
             );
         }
-        let v3 = br#"{"format":"lifeboat-repo","version":3}"#;
+        let v4 = br#"{"format":"lifeboat-repo","version":4}"#;
         assert_eq!(
-            Config::parse(v3).unwrap_err().kind(),
+            Config::parse(v4).unwrap_err().kind(),
             ErrorKind::UnsupportedVersion
         );
     }
 
     #[test]
-    fn frame_size_only_in_version_2() {
+    fn frame_size_only_in_versions_2_and_3() {
         let cfg = |version: u32, frame: &str| {
             format!(
                 r#"{{"format":"lifeboat-repo","version":{version},"id":"00","chunk_size":1048576,
@@ -235,7 +236,11 @@ mod tests {
         Config::parse(cfg(1, "").as_bytes()).unwrap();
         let (c, _) = Config::parse(cfg(2, r#","frame_size":65536"#).as_bytes()).unwrap();
         assert_eq!(c.frame_size, Some(65536));
+        let (c, _) = Config::parse(cfg(3, r#","frame_size":262144"#).as_bytes()).unwrap();
+        assert_eq!((c.version, c.frame_size), (3, Some(262144)));
         for bad in [
+            cfg(3, ""),
+            cfg(3, r#","frame_size":1048576"#),
             cfg(1, r#","frame_size":65536"#),
             cfg(2, ""),
             cfg(2, r#","frame_size":1048576"#),

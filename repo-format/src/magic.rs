@@ -11,6 +11,9 @@ pub const CONFIG_VERSION: u32 = 1;
 /// Version of a repository whose config has a `frame_size`: chunk objects may be framed
 /// (object version 2). A build that reads only version 1 refuses it at open.
 pub const CONFIG_VERSION_FRAMED: u32 = 2;
+/// Version of a framed repository whose chunk objects may also be delta objects (object
+/// version 3, frames referring to a base object). A build that reads only 1 and 2 refuses it.
+pub const CONFIG_VERSION_DELTA: u32 = 3;
 /// `encryption` value of an encrypted repository.
 pub const ENCRYPTION_XCHACHA_BLAKE3: &str = "xchacha20poly1305-blake3";
 /// `encryption` value of an unencrypted repository.
@@ -27,6 +30,9 @@ pub const OBJECT_MAGIC: [u8; 4] = *b"LBOB";
 pub const OBJECT_VERSION: u8 = 1;
 /// Version byte of a framed chunk object (a chunk sealed as independent frames).
 pub const OBJECT_VERSION_FRAMED: u8 = 2;
+/// Version byte of a delta chunk object: a framed object some of whose frames are those of a
+/// base object (version 2) named in its header.
+pub const OBJECT_VERSION_DELTA: u8 = 3;
 /// Length of the sealed-object header.
 pub const OBJECT_HEADER_LEN: usize = 8;
 /// Object kind byte: a data chunk.
@@ -45,6 +51,9 @@ pub const FLAG_ENCRYPTED: u8 = 0b0000_0010;
 pub const FRAME_FLAG_ZSTD: u8 = 0b0000_0001;
 /// Frame table flag: the frame is all zero bytes; nothing is stored for it.
 pub const FRAME_FLAG_ZERO: u8 = 0b0000_0010;
+/// Frame table flag (delta objects only): the frame is the same-numbered frame of the base
+/// object; nothing is stored for it here.
+pub const FRAME_FLAG_BASE: u8 = 0b0000_0100;
 /// First bytes of a frame's AAD ("LifeBoat FRame").
 pub const FRAME_AAD_MAGIC: [u8; 4] = *b"LBFR";
 /// XChaCha20 nonce length.

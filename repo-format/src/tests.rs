@@ -810,3 +810,81 @@ fn tampering_any_config_byte_exhaustive() {
         }
     }
 }
+
+/// A framed repository of 256 KiB chunks in 64 KiB frames (version 3: delta objects).
+fn framed_repo(encrypted: bool) -> (Arc<MemoryBackend>, Repository) {
+    let mem = Arc::new(MemoryBackend::new());
+    let encryption = if encrypted {
+        Encryption::Encrypted {
+            secret: password("pw"),
+            kdf: CHEAP,
+        }
+    } else {
+        Encryption::None
+    };
+    let mut opts = InitOptions::new(encryption);
+    opts.chunk_size = 4 * CHUNK;
+    opts.frame_size = Some(CHUNK);
+    let repo = Repository::init(mem.clone(), opts).unwrap();
+    assert_eq!(repo.config().version, magic::CONFIG_VERSION_DELTA);
+    (mem, repo)
+}
+
+#[test]
+fn delta_chunks_load_with_their_base_and_fail_without_it() {
+    for encrypted in [false, true] {
+        let (mem, repo) = framed_repo(encrypted);
+        let mut plain: Vec<u8> = (0..4).flat_map(|s| chunk_data(s + 3)).collect();
+        let first = repo.try_seal_chunk(&plain).unwrap();
+        assert!(repo.store_chunk(&first).unwrap());
+        let parent = repo.load_chunk_frames(&first.id, &[2]).unwrap().unwrap();
+        let frame = chunk_data(99);
+        plain[2 * CHUNK as usize..3 * CHUNK as usize].copy_from_slice(&frame);
+        let (delta, all_zero) = repo.seal_chunk_update(&parent, &[(2, &frame)]).unwrap();
+        assert!(!all_zero);
+        assert_eq!(delta.id, repo.chunk_id(&plain));
+        assert!(delta.bytes.len() < first.bytes.len());
+        assert!(repo.store_chunk(&delta).unwrap());
+        assert_eq!(repo.load_chunk(&delta.id).unwrap(), plain);
+        let mut bufs = ChunkBuffers::default();
+        assert_eq!(
+            repo.load_chunk_into(&delta.id, &mut bufs).unwrap(),
+            &plain[..]
+        );
+        // The pure open cannot fetch the base: a clear error, not a wrong answer.
+        let e = repo.open_chunk(&delta.id, &delta.bytes).unwrap_err();
+        assert!(e.to_string().contains("delta object"), "{e}");
+        // A second update of the delta keeps the first chunk as its base.
+        let parent = repo.load_chunk_frames(&delta.id, &[0]).unwrap().unwrap();
+        let frame0 = chunk_data(7);
+        plain[..CHUNK as usize].copy_from_slice(&frame0);
+        let (second, _) = repo.seal_chunk_update(&parent, &[(0, &frame0)]).unwrap();
+        repo.store_chunk(&second).unwrap();
+        assert_eq!(repo.load_chunk(&second.id).unwrap(), plain);
+        // Three of four frames changed: rewritten whole (the base is read for it).
+        let parent = repo.load_chunk_frames(&second.id, &[1]).unwrap().unwrap();
+        let frame1 = chunk_data(8);
+        plain[CHUNK as usize..2 * CHUNK as usize].copy_from_slice(&frame1);
+        let (whole, _) = repo.seal_chunk_update(&parent, &[(1, &frame1)]).unwrap();
+        assert_eq!(whole.bytes[4], magic::OBJECT_VERSION_FRAMED);
+        repo.store_chunk(&whole).unwrap();
+        // Without the base, its deltas are corrupt, and the message names the base.
+        mem.delete(&format!(
+            "chunks/{}/{}",
+            &first.id.to_hex()[..2],
+            first.id.to_hex()
+        ))
+        .unwrap();
+        assert_eq!(repo.load_chunk(&whole.id).unwrap(), plain);
+        for id in [delta.id, second.id] {
+            let e = repo.load_chunk(&id).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt);
+            assert!(e.to_string().contains("base object"), "{e}");
+            let e = repo.load_chunk_into(&id, &mut bufs).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt);
+            assert!(repo.load_chunk_frames(&id, &[0, 1, 2, 3]).is_err());
+            let e = repo.load_chunk_frames(&id, &[0]).unwrap_err();
+            assert!(e.to_string().contains("missing"), "{e}");
+        }
+    }
+}

@@ -328,8 +328,13 @@ async fn frame_update(
     if touched.is_empty() || touched.len() as u64 >= chunk_size / frame_size {
         return Ok(None);
     }
+    let touched: Vec<usize> = touched
+        .into_iter()
+        .map(|f| usize::try_from(f).unwrap_or(usize::MAX))
+        .collect();
     let r = repo.clone();
-    let frames = blocking(move || Ok(r.load_chunk_frames(&parent))).await?;
+    let wanted = touched.clone();
+    let frames = blocking(move || Ok(r.load_chunk_frames(&parent, &wanted))).await?;
     let frames = match frames {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(None),
@@ -347,12 +352,12 @@ async fn frame_update(
     let fs = usize::try_from(frame_size).unwrap_or(0);
     let mut changed = Vec::with_capacity(touched.len());
     for f in touched {
-        let s = start + f * frame_size;
+        let s = start + f as u64 * frame_size;
         let buf = match reader.read(s, s + frame_size).await? {
             Some(b) => b,
             None => bytes::Bytes::from(vec![0u8; fs]),
         };
-        changed.push((usize::try_from(f).unwrap_or(usize::MAX), buf));
+        changed.push((f, buf));
     }
     let r = repo.clone();
     blocking(move || {

@@ -8,7 +8,13 @@
 //! reads, hashes, compresses and encrypts only those frames and copies the others, still sealed,
 //! from the parent chunk's object, and the new chunk gets the same id a full read would give it.
 //!
-//! Pure code: no I/O. The byte layout is in `FORMAT.md` (1.6a, "Framed chunk objects").
+//! A *delta* object (object version 3) is a framed object that stores only some of its frames and
+//! takes the others from a *base* object (a version-2 framed object named in its header): the
+//! new version of a chunk with one dirty frame then costs one sealed frame and a table, not a
+//! copy of every unchanged frame. The base is always a version-2 object (depth one).
+//!
+//! Pure code: no I/O. The byte layout is in `FORMAT.md` (1.6a, "Framed chunk objects", and
+//! 1.6b, "Delta chunk objects").
 
 use blake3::hazmat::{
     merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
@@ -23,29 +29,43 @@ use crate::object::{compress_append, decompress_exact};
 
 /// Bytes of the fixed part of a framed object: the 8-byte object header, frame size, count.
 const FIXED_LEN: usize = magic::OBJECT_HEADER_LEN + 8;
+/// Bytes of the fixed part of a delta object: that of a framed object, then the base's id.
+const DELTA_FIXED_LEN: usize = FIXED_LEN + 32;
 /// Bytes of one table entry: flags, sealed length, chaining value.
 const ENTRY_LEN: usize = 1 + 4 + 32;
 
 /// One frame's entry in an object's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FrameEntry {
-    /// [`magic::FRAME_FLAG_ZSTD`], [`magic::FRAME_FLAG_ZERO`].
+    /// [`magic::FRAME_FLAG_ZSTD`], [`magic::FRAME_FLAG_ZERO`], [`magic::FRAME_FLAG_BASE`].
     flags: u8,
-    /// Bytes of the sealed frame in the object (0 for a zero frame).
+    /// Bytes of the sealed frame in the object (0 for a zero frame or a base reference).
     sealed_len: u32,
     /// The frame's chaining value.
     cv: ChainingValue,
+}
+
+impl FrameEntry {
+    /// Whether the frame's bytes are in this object (neither zero nor taken from the base).
+    fn stored(&self) -> bool {
+        self.flags & (magic::FRAME_FLAG_ZERO | magic::FRAME_FLAG_BASE) == 0
+    }
 }
 
 /// A chunk's frames as a parent for [`crate::Repository::seal_chunk_update`]: the decrypted table and
 /// the sealed object.
 #[derive(Debug, Clone)]
 pub struct FramedChunk {
+    id: [u8; 32],
     frame_size: usize,
+    /// The base object's id, for a delta object.
+    base: Option<[u8; 32]>,
     entries: Vec<FrameEntry>,
     /// Start of each frame in `sealed`.
     starts: Vec<usize>,
     sealed: Vec<u8>,
+    /// The base object's frames, when an update is to rewrite the chunk whole.
+    base_chunk: Option<Box<FramedChunk>>,
 }
 
 impl FramedChunk {
@@ -58,6 +78,77 @@ impl FramedChunk {
     pub fn frame_size(&self) -> usize {
         self.frame_size
     }
+
+    /// The id of the base object, for a delta object.
+    pub(crate) fn base_id(&self) -> Option<[u8; 32]> {
+        self.base
+    }
+
+    /// Frames an update of this chunk that changes the frames `touched` would store itself
+    /// as a delta object (at most: a changed frame that turns out zero stores nothing): the
+    /// changed frames, and this object's own stored frames when it is a delta object.
+    fn stored_after(&self, touched: impl Fn(usize) -> bool) -> usize {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| touched(*i) || (self.base.is_some() && e.stored()))
+            .count()
+    }
+
+    /// Whether an update changing the frames `touched` rewrites the chunk whole, and so
+    /// needs the frames of this delta object's base ([`FramedChunk::attach_base`]): when the
+    /// delta would store more than half of its frames itself.
+    pub(crate) fn wants_base(&self, touched: &[usize]) -> bool {
+        self.base.is_some() && self.stored_after(|i| touched.contains(&i)) > self.entries.len() / 2
+    }
+
+    /// Attaches the frames of this delta object's base, read by the caller, checking that
+    /// they are the base this object names and that every frame it takes from it is there.
+    pub(crate) fn attach_base(&mut self, base: FramedChunk, name: &str) -> Result<()> {
+        check_base(self.base, &self.entries, &base, name)?;
+        self.base_chunk = Some(Box::new(base));
+        Ok(())
+    }
+}
+
+/// Checks that `base` is the base object a delta object (its base id `want`, its table
+/// `entries`) names: a framed object of that id, with as many frames, holding every frame
+/// the delta takes from it with the same chaining value.
+fn check_base(
+    want: Option<[u8; 32]>,
+    entries: &[FrameEntry],
+    base: &FramedChunk,
+    name: &str,
+) -> Result<()> {
+    check_base_entries(want, entries, base.id, base.base, &base.entries, name)
+}
+
+fn check_base_entries(
+    want: Option<[u8; 32]>,
+    entries: &[FrameEntry],
+    base_id: [u8; 32],
+    base_base: Option<[u8; 32]>,
+    base_entries: &[FrameEntry],
+    name: &str,
+) -> Result<()> {
+    let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
+    if want != Some(base_id) {
+        return Err(corrupt("its base is not the object it names"));
+    }
+    if base_base.is_some() {
+        return Err(corrupt("its base is itself a delta object"));
+    }
+    if base_entries.len() != entries.len() {
+        return Err(corrupt("its base has a different frame count"));
+    }
+    for (i, (e, b)) in entries.iter().zip(base_entries).enumerate() {
+        if e.flags == magic::FRAME_FLAG_BASE && e.cv != b.cv {
+            return Err(corrupt(&format!(
+                "frame {i} is not the frame of its base it refers to"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The BLAKE3 mode of this repository's ids.
@@ -124,6 +215,8 @@ enum Source<'a> {
     Reuse(FrameEntry, &'a [u8]),
     /// Sealed afresh from its plaintext.
     New(ChainingValue, &'a [u8]),
+    /// Taken from the base object (a delta object's frame with this chaining value).
+    Base(ChainingValue),
 }
 
 fn frame_aad(frame_size: u32, flags: u8, cv: &ChainingValue) -> [u8; 41] {
@@ -135,29 +228,30 @@ fn frame_aad(frame_size: u32, flags: u8, cv: &ChainingValue) -> [u8; 41] {
     aad
 }
 
-fn table_aad(fixed: &[u8; FIXED_LEN], id: &[u8; 32]) -> [u8; FIXED_LEN + 32] {
-    let mut aad = [0u8; FIXED_LEN + 32];
-    aad[..FIXED_LEN].copy_from_slice(fixed);
-    aad[FIXED_LEN..].copy_from_slice(id);
+/// The AAD of a table: the object's fixed part (16 bytes, 48 for a delta object), then the
+/// chunk id.
+fn table_aad(fixed: &[u8], id: &[u8; 32]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(fixed.len() + 32);
+    aad.extend_from_slice(fixed);
+    aad.extend_from_slice(id);
     aad
 }
 
-fn fixed_header(encrypted: bool, frame_size: u32, n: u32) -> [u8; FIXED_LEN] {
+/// The fixed part of an object: a framed object's, or with `base` a delta object's.
+fn fixed_header(encrypted: bool, frame_size: u32, n: u32, base: Option<&[u8; 32]>) -> Vec<u8> {
     let m = magic::OBJECT_MAGIC;
     let flags = if encrypted { magic::FLAG_ENCRYPTED } else { 0 };
-    let mut h = [0u8; FIXED_LEN];
-    h[..8].copy_from_slice(&[
-        m[0],
-        m[1],
-        m[2],
-        m[3],
-        magic::OBJECT_VERSION_FRAMED,
-        magic::KIND_CHUNK,
-        flags,
-        0,
-    ]);
-    h[8..12].copy_from_slice(&frame_size.to_le_bytes());
-    h[12..16].copy_from_slice(&n.to_le_bytes());
+    let version = match base {
+        Some(_) => magic::OBJECT_VERSION_DELTA,
+        None => magic::OBJECT_VERSION_FRAMED,
+    };
+    let mut h = Vec::with_capacity(DELTA_FIXED_LEN);
+    h.extend_from_slice(&[m[0], m[1], m[2], m[3], version, magic::KIND_CHUNK, flags, 0]);
+    h.extend_from_slice(&frame_size.to_le_bytes());
+    h.extend_from_slice(&n.to_le_bytes());
+    if let Some(b) = base {
+        h.extend_from_slice(b);
+    }
     h
 }
 
@@ -165,11 +259,13 @@ fn too_large() -> Error {
     Error::invalid("frame too large to seal")
 }
 
-/// Builds the object of chunk `id` from its frames, in order.
+/// Builds the object of chunk `id` from its frames, in order: a delta object on `base` when
+/// some of them are [`Source::Base`], else a framed object.
 fn assemble(
     keys: Option<&Keys>,
     id: &[u8; 32],
     frame_size: usize,
+    base: Option<&[u8; 32]>,
     frames: &[Source<'_>],
     zstd_level: i32,
 ) -> Result<Vec<u8>> {
@@ -181,14 +277,26 @@ fn assemble(
         0
     };
     let table_len = frames.len() * ENTRY_LEN + overhead;
-    let fixed = fixed_header(keys.is_some(), fs32, n32);
-    let mut out = Vec::with_capacity(FIXED_LEN + table_len + frames.len() * (frame_size / 2));
+    let refers = frames.iter().any(|f| matches!(f, Source::Base(_)));
+    let base = if refers {
+        Some(base.ok_or_else(|| Error::invalid("a frame taken from a base without one"))?)
+    } else {
+        None
+    };
+    let fixed = fixed_header(keys.is_some(), fs32, n32, base);
+    let table_start = fixed.len();
+    let mut out = Vec::with_capacity(table_start + table_len + frames.len() * (frame_size / 2));
     out.extend_from_slice(&fixed);
-    out.resize(FIXED_LEN + table_len, 0);
+    out.resize(table_start + table_len, 0);
     let mut entries = Vec::with_capacity(frames.len());
     for f in frames {
         let start = out.len();
         let entry = match f {
+            Source::Base(cv) => FrameEntry {
+                flags: magic::FRAME_FLAG_BASE,
+                sealed_len: 0,
+                cv: *cv,
+            },
             Source::Reuse(e, bytes) => {
                 out.extend_from_slice(bytes);
                 *e
@@ -250,7 +358,7 @@ fn assemble(
             .map_err(|_| too_large())?;
         table.extend_from_slice(&tag);
     }
-    out[FIXED_LEN..FIXED_LEN + table_len].copy_from_slice(&table);
+    out[table_start..table_start + table_len].copy_from_slice(&table);
     Ok(out)
 }
 
@@ -272,24 +380,46 @@ pub(crate) fn seal(
         .zip(cvs)
         .map(|(f, cv)| Source::New(*cv, f))
         .collect();
-    assemble(keys, id, frame_size, &frames, zstd_level)
+    assemble(keys, id, frame_size, None, &frames, zstd_level)
 }
 
-/// Whether a sealed object is a framed chunk object (by its version byte).
+/// Whether a sealed object is a framed or delta chunk object (by its version byte).
 pub(crate) fn is_framed(sealed: &[u8]) -> bool {
-    sealed.get(4) == Some(&magic::OBJECT_VERSION_FRAMED)
+    matches!(
+        sealed.get(4),
+        Some(&magic::OBJECT_VERSION_FRAMED | &magic::OBJECT_VERSION_DELTA)
+    )
 }
 
-/// Checks the fixed header and decrypts the table of a framed object in place. Returns the
-/// table entries and each frame's start in `sealed`.
+/// The id of the base object a delta object names in its header (not yet authenticated: the
+/// table's AAD covers it, so opening fails if it was altered). `None` for any other object.
+pub(crate) fn base_of(sealed: &[u8]) -> Option<[u8; 32]> {
+    if sealed.get(4) != Some(&magic::OBJECT_VERSION_DELTA) {
+        return None;
+    }
+    sealed.get(FIXED_LEN..DELTA_FIXED_LEN)?.try_into().ok()
+}
+
+/// A framed or delta object's authenticated table.
+struct Parsed {
+    /// The base object's id, for a delta object.
+    base: Option<[u8; 32]>,
+    entries: Vec<FrameEntry>,
+    /// Start of each frame in the object (of the next frame for one stored elsewhere).
+    starts: Vec<usize>,
+}
+
+/// Checks the fixed part and decrypts the table of a framed object (or, when `deltas`, of a
+/// delta object) in place.
 fn parse(
     keys: Option<&Keys>,
     id: &[u8; 32],
     sealed: &mut [u8],
     frame_size: usize,
     limit: usize,
+    deltas: bool,
     name: &str,
-) -> Result<(Vec<FrameEntry>, Vec<usize>)> {
+) -> Result<Parsed> {
     let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
     let Some(fixed) = sealed.first_chunk::<FIXED_LEN>().copied() else {
         return Err(corrupt("truncated header"));
@@ -297,9 +427,24 @@ fn parse(
     if fixed[..4] != magic::OBJECT_MAGIC {
         return Err(corrupt("bad magic"));
     }
-    if fixed[4] != magic::OBJECT_VERSION_FRAMED || fixed[5] != magic::KIND_CHUNK {
-        return Err(corrupt("not a framed chunk object"));
+    if fixed[5] != magic::KIND_CHUNK {
+        return Err(corrupt("not a chunk object"));
     }
+    let delta = match fixed[4] {
+        magic::OBJECT_VERSION_FRAMED => false,
+        magic::OBJECT_VERSION_DELTA if deltas => true,
+        magic::OBJECT_VERSION_DELTA => {
+            return Err(corrupt(
+                "a delta chunk object in a repository whose version has none",
+            ))
+        }
+        _ => return Err(corrupt("not a framed chunk object")),
+    };
+    let fixed_len = if delta { DELTA_FIXED_LEN } else { FIXED_LEN };
+    if sealed.len() < fixed_len {
+        return Err(corrupt("truncated header"));
+    }
+    let base = if delta { base_of(sealed) } else { None };
     let flags = fixed[6];
     if flags & !magic::FLAG_ENCRYPTED != 0 || fixed[7] != 0 {
         return Err(corrupt("unknown flags or non-zero reserved byte"));
@@ -323,25 +468,26 @@ fn parse(
     } else {
         0
     };
-    let table_end = FIXED_LEN + n * ENTRY_LEN + overhead;
+    let table_end = fixed_len + n * ENTRY_LEN + overhead;
     if sealed.len() < table_end {
         return Err(corrupt("truncated frame table"));
     }
     let auth_failed = || corrupt("authentication failed (tampered, truncated or misnamed)");
     let plain_start = if let Some(k) = keys {
-        let nonce = XNonce::clone_from_slice(&sealed[FIXED_LEN..FIXED_LEN + magic::NONCE_LEN]);
+        let nonce = XNonce::clone_from_slice(&sealed[fixed_len..fixed_len + magic::NONCE_LEN]);
+        let aad = table_aad(&sealed[..fixed_len], id);
         let (head, tag) = sealed[..table_end].split_at_mut(table_end - magic::TAG_LEN);
         k.cipher()
             .decrypt_in_place_detached(
                 &nonce,
-                &table_aad(&fixed, id),
-                &mut head[FIXED_LEN + magic::NONCE_LEN..],
+                &aad,
+                &mut head[fixed_len + magic::NONCE_LEN..],
                 Tag::from_slice(tag),
             )
             .map_err(|_| auth_failed())?;
-        FIXED_LEN + magic::NONCE_LEN
+        fixed_len + magic::NONCE_LEN
     } else {
-        FIXED_LEN
+        fixed_len
     };
     let mut entries = Vec::with_capacity(n);
     let mut starts = Vec::with_capacity(n);
@@ -352,9 +498,14 @@ fn parse(
         let mut cv = [0u8; 32];
         cv.copy_from_slice(&raw[5..]);
         let zero = flags & magic::FRAME_FLAG_ZERO != 0;
-        if flags & !(magic::FRAME_FLAG_ZSTD | magic::FRAME_FLAG_ZERO) != 0
+        let in_base = flags & magic::FRAME_FLAG_BASE != 0;
+        let known = magic::FRAME_FLAG_ZSTD
+            | magic::FRAME_FLAG_ZERO
+            | if delta { magic::FRAME_FLAG_BASE } else { 0 };
+        if flags & !known != 0
             || (zero && (sealed_len != 0 || flags != magic::FRAME_FLAG_ZERO))
-            || (!zero && (sealed_len as usize) < overhead)
+            || (in_base && (sealed_len != 0 || flags != magic::FRAME_FLAG_BASE))
+            || (!zero && !in_base && (sealed_len as usize) < overhead)
         {
             return Err(corrupt("bad frame table entry"));
         }
@@ -372,7 +523,11 @@ fn parse(
     if pos != sealed.len() {
         return Err(corrupt("trailing bytes after the last frame"));
     }
-    Ok((entries, starts))
+    Ok(Parsed {
+        base,
+        entries,
+        starts,
+    })
 }
 
 /// Opens frame `entry` at `sealed[start..]` in place into `out` (exactly `frame_size` bytes).
@@ -421,25 +576,65 @@ fn open_frame(
     }
 }
 
-/// Opens a framed chunk object: authenticates the table and every frame, decompresses into
-/// `out` (replaced, capacity reused) and checks the whole plaintext against `id`. Decrypts in
-/// `sealed`. Every failure is [`crate::ErrorKind::Corrupt`] naming `name`.
+/// How to read chunk objects: the repository's keys, frame size, chunk size limit and whether
+/// it may hold delta objects.
+#[derive(Clone, Copy)]
+pub(crate) struct Opener<'a> {
+    pub keys: Option<&'a Keys>,
+    pub frame_size: usize,
+    pub limit: usize,
+    pub deltas: bool,
+}
+
+/// A delta object's base, as read by the caller: its sealed bytes and its name.
+pub(crate) struct BaseObject<'a> {
+    pub sealed: &'a mut [u8],
+    pub name: &'a str,
+}
+
+/// Opens a framed or delta chunk object: authenticates the table and every frame (a delta
+/// object's frames taken from `base`, whose table is authenticated under the base's id),
+/// decompresses into `out` (replaced, capacity reused) and checks the whole plaintext against
+/// `id`. Decrypts in `sealed` (and `base`). Every failure is [`crate::ErrorKind::Corrupt`]
+/// naming the object at fault.
 pub(crate) fn open_into(
-    keys: Option<&Keys>,
+    o: Opener<'_>,
     id: &[u8; 32],
     sealed: &mut [u8],
-    frame_size: usize,
-    limit: usize,
+    base: Option<BaseObject<'_>>,
     name: &str,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let (entries, starts) = parse(keys, id, sealed, frame_size, limit, name)?;
+    let (keys, frame_size) = (o.keys, o.frame_size);
+    let p = parse(keys, id, sealed, frame_size, o.limit, o.deltas, name)?;
+    let mut based = match (p.base, base) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Error::corrupt(format!(
+                "object {name} is corrupt: a delta object opened without its base"
+            )))
+        }
+        (Some(want), Some(b)) => {
+            let bp = parse(keys, &want, b.sealed, frame_size, o.limit, o.deltas, b.name)?;
+            check_base_entries(p.base, &p.entries, want, bp.base, &bp.entries, name)?;
+            Some((bp, b))
+        }
+    };
     out.clear();
-    out.resize(entries.len() * frame_size, 0);
-    for (i, (e, s)) in entries.iter().zip(&starts).enumerate() {
-        let frame = &mut sealed[*s..*s + e.sealed_len as usize];
+    out.resize(p.entries.len() * frame_size, 0);
+    for (i, (e, s)) in p.entries.iter().zip(&p.starts).enumerate() {
         let dst = &mut out[i * frame_size..(i + 1) * frame_size];
-        open_frame(keys, e, frame, frame_size, dst, name)?;
+        match based.as_mut() {
+            Some((bp, b)) if e.flags == magic::FRAME_FLAG_BASE => {
+                let (be, bs) = (&bp.entries[i], bp.starts[i]);
+                let frame = &mut b.sealed[bs..bs + be.sealed_len as usize];
+                open_frame(keys, be, frame, frame_size, dst, b.name)?;
+            }
+            _ => {
+                let frame = &mut sealed[*s..*s + e.sealed_len as usize];
+                open_frame(keys, e, frame, frame_size, dst, name)?;
+            }
+        }
     }
     if crate::object::object_hash(keys, out) != *id {
         return Err(Error::corrupt(format!(
@@ -450,25 +645,35 @@ pub(crate) fn open_into(
 }
 
 /// Reads the frame table of chunk `id`'s sealed object, to use it as the parent of
-/// [`seal_update`]. `Ok(None)` for an unframed (version 1) object.
+/// [`seal_update`] (or, through [`FramedChunk::attach_base`], as the base of a delta parent).
+/// `Ok(None)` for an unframed (version 1) object.
 pub(crate) fn parse_parent(
-    keys: Option<&Keys>,
+    o: Opener<'_>,
     id: &[u8; 32],
     mut sealed: Vec<u8>,
-    frame_size: usize,
-    limit: usize,
     name: &str,
 ) -> Result<Option<FramedChunk>> {
     if !is_framed(&sealed) {
         return Ok(None);
     }
     // Only the table is decrypted (in place); the frames stay sealed, to be copied as they are.
-    let (entries, starts) = parse(keys, id, &mut sealed, frame_size, limit, name)?;
+    let p = parse(
+        o.keys,
+        id,
+        &mut sealed,
+        o.frame_size,
+        o.limit,
+        o.deltas,
+        name,
+    )?;
     Ok(Some(FramedChunk {
-        frame_size,
-        entries,
-        starts,
+        id: *id,
+        frame_size: o.frame_size,
+        base: p.base,
+        entries: p.entries,
+        starts: p.starts,
         sealed,
+        base_chunk: None,
     }))
 }
 
@@ -483,18 +688,33 @@ pub struct UpdatedChunk {
     pub all_zero: bool,
 }
 
+/// The sealed bytes of frame `i` of `c`.
+fn sealed_frame(c: &FramedChunk, i: usize) -> &[u8] {
+    let s = c.starts[i];
+    &c.sealed[s..s + c.entries[i].sealed_len as usize]
+}
+
 /// The chunk `parent` with the frames in `changed` (frame number, new plaintext of
-/// `frame_size` bytes) replaced: hashes, compresses and encrypts only the changed frames and
-/// copies the others sealed. Frames of a parent must be authentic for this to be sound: the
-/// new id covers their chaining values, and restore re-hashes everything it opens.
+/// `frame_size` bytes) replaced: hashes, compresses and encrypts only the changed frames.
+///
+/// With `deltas`, the result is a delta object whose base is the parent (or, for a delta
+/// parent, the parent's base): the parent's own stored frames are copied sealed, and every
+/// other unchanged frame refers to the base. When such a delta would store more than half its
+/// frames itself, the chunk is rewritten whole as a framed object instead, copying every
+/// unchanged frame sealed (from the parent, and from its base when one is attached; without
+/// it the update stays a delta). Without `deltas`, always a framed object (a delta parent
+/// then needs its base attached). Frames of a parent must be authentic for this to be sound:
+/// the new id covers their chaining values, and restore re-hashes everything it opens.
 pub(crate) fn seal_update(
     keys: Option<&Keys>,
     parent: &FramedChunk,
     changed: &[(usize, &[u8])],
     zstd_level: i32,
+    deltas: bool,
 ) -> Result<UpdatedChunk> {
     let fs = parent.frame_size;
-    let mut new: Vec<Option<(ChainingValue, &[u8])>> = vec![None; parent.entries.len()];
+    let n = parent.entries.len();
+    let mut new: Vec<Option<(ChainingValue, &[u8])>> = vec![None; n];
     for (i, plain) in changed {
         if plain.len() != fs || *i >= new.len() {
             return Err(Error::invalid(
@@ -503,30 +723,45 @@ pub(crate) fn seal_update(
         }
         new[*i] = Some((frame_cv(keys, plain, *i, fs), plain));
     }
-    let mut cvs = Vec::with_capacity(new.len());
-    let mut all_zero = true;
-    let mut frames = Vec::with_capacity(new.len());
-    for (i, n) in new.iter().enumerate() {
-        match n {
-            Some((cv, plain)) => {
-                cvs.push(*cv);
-                all_zero &= crate::is_zero(plain);
-                frames.push(Source::New(*cv, plain));
-            }
-            None => {
-                let e = parent.entries[i];
-                cvs.push(e.cv);
-                all_zero &= e.flags & magic::FRAME_FLAG_ZERO != 0;
-                let s = parent.starts[i];
-                frames.push(Source::Reuse(
-                    e,
-                    &parent.sealed[s..s + e.sealed_len as usize],
-                ));
-            }
+    let stored = parent.stored_after(|i| new[i].is_some_and(|(_, p)| !crate::is_zero(p)));
+    let base_chunk = parent.base_chunk.as_deref();
+    let whole = match (parent.base.is_some(), base_chunk) {
+        (false, _) | (true, Some(_)) => !deltas || stored > n / 2,
+        (true, None) if deltas => false,
+        (true, None) => {
+            return Err(Error::invalid(
+                "a delta parent rewritten whole needs its base attached",
+            ))
         }
+    };
+    let mut cvs = Vec::with_capacity(n);
+    let mut all_zero = true;
+    let mut frames = Vec::with_capacity(n);
+    for (i, slot) in new.iter().enumerate() {
+        if let Some((cv, plain)) = slot {
+            cvs.push(*cv);
+            all_zero &= crate::is_zero(plain);
+            frames.push(Source::New(*cv, plain));
+            continue;
+        }
+        let e = parent.entries[i];
+        cvs.push(e.cv);
+        all_zero &= e.flags & magic::FRAME_FLAG_ZERO != 0;
+        let in_base = e.flags == magic::FRAME_FLAG_BASE;
+        frames.push(match (whole, in_base, base_chunk) {
+            // A frame of the base, copied from it.
+            (true, true, Some(b)) => Source::Reuse(b.entries[i], sealed_frame(b, i)),
+            (true, true, None) => return Err(Error::invalid("a base frame without its base")),
+            (false, true, _) => Source::Base(e.cv),
+            // A frame the base holds when the parent is the base.
+            (false, false, _) if parent.base.is_none() && e.stored() => Source::Base(e.cv),
+            // Zero frames, and frames stored in the parent itself.
+            _ => Source::Reuse(e, sealed_frame(parent, i)),
+        });
     }
     let id = merge_root(keys, &cvs);
-    let sealed = assemble(keys, &id, fs, &frames, zstd_level)?;
+    let base = parent.base.unwrap_or(parent.id);
+    let sealed = assemble(keys, &id, fs, Some(&base), &frames, zstd_level)?;
     Ok(UpdatedChunk {
         id,
         sealed,

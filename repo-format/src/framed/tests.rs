@@ -31,6 +31,16 @@ fn data(n: usize, seed: u8) -> Vec<u8> {
     v
 }
 
+/// How the tests read objects: 1 MiB chunk limit, frames of `FS`, delta objects allowed.
+fn op(k: Option<&Keys>) -> Opener<'_> {
+    Opener {
+        keys: k,
+        frame_size: FS,
+        limit: 1 << 20,
+        deltas: true,
+    }
+}
+
 fn seal_fresh(k: Option<&Keys>, d: &[u8]) -> ([u8; 32], Vec<u8>) {
     let cvs = frame_cvs(k, d, FS);
     let id = merge_root(k, &cvs);
@@ -59,7 +69,7 @@ fn round_trip_and_zero_frames_cost_nothing() {
         let (id, mut sealed) = seal_fresh(k.as_ref(), &d);
         assert!(is_framed(&sealed));
         let mut out = Vec::new();
-        open_into(k.as_ref(), &id, &mut sealed, FS, 1 << 20, "x", &mut out).unwrap();
+        open_into(op(k.as_ref()), &id, &mut sealed, None, "x", &mut out).unwrap();
         assert_eq!(out, d);
     }
     let zeros = vec![0u8; 16 * FS];
@@ -76,7 +86,7 @@ fn update_equals_fresh_seal() {
     let k = keys();
     let old = data(16, 1);
     let (old_id, old_sealed) = seal_fresh(Some(&k), &old);
-    let parent = parse_parent(Some(&k), &old_id, old_sealed, FS, 1 << 20, "p")
+    let parent = parse_parent(op(Some(&k)), &old_id, old_sealed, "p")
         .unwrap()
         .unwrap();
     let mut new = old.clone();
@@ -84,12 +94,12 @@ fn update_equals_fresh_seal() {
     let f2 = data(1, 7);
     new[5 * FS..6 * FS].copy_from_slice(&f5);
     new[2 * FS..3 * FS].copy_from_slice(&f2);
-    let up = seal_update(Some(&k), &parent, &[(5, &f5), (2, &f2)], 3).unwrap();
+    let up = seal_update(Some(&k), &parent, &[(5, &f5), (2, &f2)], 3, false).unwrap();
     assert_eq!(up.id, crate::object::object_hash(Some(&k), &new));
     assert!(!up.all_zero);
     let mut sealed = up.sealed.clone();
     let mut out = Vec::new();
-    open_into(Some(&k), &up.id, &mut sealed, FS, 1 << 20, "x", &mut out).unwrap();
+    open_into(op(Some(&k)), &up.id, &mut sealed, None, "x", &mut out).unwrap();
     assert_eq!(out, new);
     // Unchanged frames were copied, not re-sealed: their bytes are in the new object.
     let s = parent.starts[0];
@@ -103,11 +113,11 @@ fn update_to_all_zero_is_reported() {
     let mut old = vec![0u8; 4 * FS];
     old[FS + 3] = 1;
     let (id, sealed) = seal_fresh(Some(&k), &old);
-    let parent = parse_parent(Some(&k), &id, sealed, FS, 1 << 20, "p")
+    let parent = parse_parent(op(Some(&k)), &id, sealed, "p")
         .unwrap()
         .unwrap();
     let z = vec![0u8; FS];
-    let up = seal_update(Some(&k), &parent, &[(1, &z)], 3).unwrap();
+    let up = seal_update(Some(&k), &parent, &[(1, &z)], 3, true).unwrap();
     assert!(up.all_zero);
     assert_eq!(
         up.id,
@@ -123,7 +133,7 @@ fn tampering_is_detected() {
     let open = |b: &[u8], id: &[u8; 32]| {
         let mut b = b.to_vec();
         let mut out = Vec::new();
-        open_into(Some(&k), id, &mut b, FS, 1 << 20, "x", &mut out)
+        open_into(op(Some(&k)), id, &mut b, None, "x", &mut out)
     };
     // Every byte flipped somewhere in the object.
     for pos in (0..sealed.len())
@@ -142,16 +152,24 @@ fn tampering_is_detected() {
     assert!(open(&sealed, &[1; 32]).is_err());
     let mut b = sealed.clone();
     let mut out = Vec::new();
-    assert!(open_into(Some(&k), &id, &mut b, FS * 2, 1 << 20, "x", &mut out).is_err());
+    let wide = Opener {
+        frame_size: FS * 2,
+        ..op(Some(&k))
+    };
+    assert!(open_into(wide, &id, &mut b, None, "x", &mut out).is_err());
     // Unencrypted object in an encrypted repository and the reverse.
     let (pid, plain_obj) = seal_fresh(None, &d);
     let mut b = plain_obj.clone();
-    assert!(open_into(Some(&k), &pid, &mut b, FS, 1 << 20, "x", &mut out).is_err());
+    assert!(open_into(op(Some(&k)), &pid, &mut b, None, "x", &mut out).is_err());
     let mut b = sealed.clone();
-    assert!(open_into(None, &id, &mut b, FS, 1 << 20, "x", &mut out).is_err());
+    assert!(open_into(op(None), &id, &mut b, None, "x", &mut out).is_err());
     // A frame count over the limit.
     let mut b = sealed.clone();
-    assert!(open_into(Some(&k), &id, &mut b, FS, 4 * FS, "x", &mut out).is_err());
+    let small = Opener {
+        limit: 4 * FS,
+        ..op(Some(&k))
+    };
+    assert!(open_into(small, &id, &mut b, None, "x", &mut out).is_err());
 }
 
 #[test]
@@ -163,7 +181,11 @@ fn frames_swapped_between_positions_fail() {
     d[FS..2 * FS].fill(2);
     let (id, sealed) = seal_fresh(None, &d);
     let mut b = sealed.clone();
-    let (e, s) = parse(None, &id, &mut b, FS, 1 << 20, "x").unwrap();
+    let Parsed {
+        entries: e,
+        starts: s,
+        ..
+    } = parse(None, &id, &mut b, FS, 1 << 20, false, "x").unwrap();
     assert_eq!(e[0].sealed_len, e[1].sealed_len);
     let l = e[0].sealed_len as usize;
     let mut swapped = sealed.clone();
@@ -172,7 +194,7 @@ fn frames_swapped_between_positions_fail() {
     swapped[s[0]..s[0] + l].copy_from_slice(&f1);
     swapped[s[1]..s[1] + l].copy_from_slice(&f0);
     let mut out = Vec::new();
-    assert!(open_into(None, &id, &mut swapped, FS, 1 << 20, "x", &mut out).is_err());
+    assert!(open_into(op(None), &id, &mut swapped, None, "x", &mut out).is_err());
 }
 
 #[test]
@@ -182,6 +204,179 @@ fn frame_counts() {
     assert_eq!(frames_for(3 * FS, FS), None);
     assert_eq!(frames_for(FS + 1, FS), None);
     assert_eq!(frames_for(1 << 20, 0), None);
+}
+
+/// Opens `sealed` (chunk `id`), taking a delta object's base from `store`.
+fn open_with(
+    k: Option<&Keys>,
+    store: &std::collections::HashMap<[u8; 32], Vec<u8>>,
+    id: &[u8; 32],
+    sealed: &[u8],
+) -> Result<Vec<u8>> {
+    let mut b = sealed.to_vec();
+    let mut base_bytes = match base_of(sealed) {
+        Some(bid) => Some(
+            store
+                .get(&bid)
+                .cloned()
+                .ok_or_else(|| Error::corrupt("no such base"))?,
+        ),
+        None => None,
+    };
+    let base = base_bytes.as_mut().map(|s| BaseObject {
+        sealed: s,
+        name: "base",
+    });
+    let mut out = Vec::new();
+    open_into(op(k), id, &mut b, base, "x", &mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn delta_stores_only_the_changed_frames() {
+    for k in [None, Some(keys())] {
+        let k = k.as_ref();
+        let old = data(16, 1);
+        let (old_id, old_sealed) = seal_fresh(k, &old);
+        let store = std::collections::HashMap::from([(old_id, old_sealed.clone())]);
+        let parent = parse_parent(op(k), &old_id, old_sealed.clone(), "p")
+            .unwrap()
+            .unwrap();
+        let f3 = data(2, 9)[FS..].to_vec();
+        let mut new = old.clone();
+        new[3 * FS..4 * FS].copy_from_slice(&f3);
+        let up = seal_update(k, &parent, &[(3, &f3)], 3, true).unwrap();
+        assert_eq!(up.id, crate::object::object_hash(k, &new));
+        assert_eq!(base_of(&up.sealed), Some(old_id));
+        // One stored frame (≈ FS, incompressible) and the table, not the 12 stored frames.
+        assert!(
+            up.sealed.len() < FS + 1024,
+            "{} bytes for a one-frame delta",
+            up.sealed.len()
+        );
+        assert_eq!(open_with(k, &store, &up.id, &up.sealed).unwrap(), new);
+        // Without its base, or with another chunk as its base, it does not open.
+        let mut b = up.sealed.clone();
+        let mut out = Vec::new();
+        assert!(open_into(op(k), &up.id, &mut b, None, "x", &mut out).is_err());
+        let (other_id, other) = seal_fresh(k, &data(16, 2));
+        let wrong = std::collections::HashMap::from([(old_id, other)]);
+        assert!(open_with(k, &wrong, &up.id, &up.sealed).is_err());
+        // Claiming the other chunk as the base (its own id) fails the table's authentication
+        // when encrypted, and the frames' chaining values either way.
+        let mut renamed = up.sealed.clone();
+        renamed[16..48].copy_from_slice(&other_id);
+        let mut store2 = store.clone();
+        store2.insert(other_id, seal_fresh(k, &data(16, 2)).1);
+        assert!(open_with(k, &store2, &up.id, &renamed).is_err());
+        // Encrypted: any byte flipped, in the header (base id included), table or frame.
+        // (Unencrypted, a stored frame's chaining value is not checked against its bytes when
+        // the chunk opens, as in a framed object: nothing authenticates it.)
+        let flips = if k.is_some() { up.sealed.len() } else { 0 };
+        for pos in (0..flips)
+            .step_by(61)
+            .chain([4, 16, 47, 48].into_iter().filter(|_| flips > 0))
+        {
+            let mut b = up.sealed.clone();
+            b[pos] ^= 0x20;
+            assert!(open_with(k, &store, &up.id, &b).is_err(), "flip at {pos}");
+        }
+        // A repository of version 2 has no delta objects.
+        let mut b = up.sealed.clone();
+        let mut base = old_sealed.clone();
+        let v2 = Opener {
+            deltas: false,
+            ..op(k)
+        };
+        let base_obj = BaseObject {
+            sealed: &mut base,
+            name: "b",
+        };
+        assert!(open_into(v2, &up.id, &mut b, Some(base_obj), "x", &mut out).is_err());
+        // In version 2 the same update is a whole framed object.
+        let whole = seal_update(k, &parent, &[(3, &f3)], 3, false).unwrap();
+        assert_eq!((whole.id, base_of(&whole.sealed)), (up.id, None));
+    }
+}
+
+#[test]
+fn delta_of_a_delta_keeps_one_base_and_rebases_past_half() {
+    let k = keys();
+    let k = Some(&k);
+    let mut plain = data(8, 1);
+    let (first, sealed) = seal_fresh(k, &plain);
+    let mut store = std::collections::HashMap::from([(first, sealed)]);
+    let mut id = first;
+    // Frames 0, 1, 3, 4, 5 (non-zero data) changed one per update: four deltas on `first`,
+    // each storing the frames changed so far; the fifth would store 5 of 8 and rebases.
+    for (step, f) in [0usize, 1, 3, 4, 5].into_iter().enumerate() {
+        let frame = vec![step as u8 + 1; FS];
+        plain[f * FS..(f + 1) * FS].copy_from_slice(&frame);
+        let mut parent = parse_parent(op(k), &id, store[&id].clone(), "p")
+            .unwrap()
+            .unwrap();
+        if parent.wants_base(&[f]) {
+            let bid = parent.base_id().unwrap();
+            let base = parse_parent(op(k), &bid, store[&bid].clone(), "b")
+                .unwrap()
+                .unwrap();
+            parent.attach_base(base, "p").unwrap();
+        }
+        let up = seal_update(k, &parent, &[(f, &frame)], 3, true).unwrap();
+        let expect = if step < 4 { Some(first) } else { None };
+        assert_eq!(base_of(&up.sealed), expect, "step {step}");
+        assert_eq!(open_with(k, &store, &up.id, &up.sealed).unwrap(), plain);
+        store.insert(up.id, up.sealed);
+        id = up.id;
+    }
+    // A delta named as the base of another object is refused.
+    let delta_id = store
+        .iter()
+        .find(|(_, s)| base_of(s).is_some())
+        .map(|(i, _)| *i)
+        .unwrap();
+    let mut parent = parse_parent(op(k), &delta_id, store[&delta_id].clone(), "p")
+        .unwrap()
+        .unwrap();
+    let not_a_base = parse_parent(op(k), &delta_id, store[&delta_id].clone(), "d")
+        .unwrap()
+        .unwrap();
+    assert!(parent.attach_base(not_a_base, "p").is_err());
+    // Without its base attached, an update past half stays a delta on the same base.
+    let frames: Vec<(usize, Vec<u8>)> = (0..8).map(|f| (f, vec![0x77; FS])).collect();
+    let refs: Vec<(usize, &[u8])> = frames.iter().map(|(f, b)| (*f, &b[..])).collect();
+    let up = seal_update(k, &parent, &refs[..6], 3, true).unwrap();
+    assert_eq!(base_of(&up.sealed), Some(first));
+    assert!(seal_update(k, &parent, &refs[..6], 3, false).is_err());
+}
+
+#[test]
+fn base_frames_checked_against_the_base_table() {
+    // Unencrypted: a delta whose base reference carries another chaining value than the
+    // base's frame (table edited; nothing authenticates it) is refused before hashing.
+    let old = data(4, 1);
+    let (old_id, old_sealed) = seal_fresh(None, &old);
+    let parent = parse_parent(op(None), &old_id, old_sealed.clone(), "p")
+        .unwrap()
+        .unwrap();
+    let z = vec![5u8; FS];
+    let up = seal_update(None, &parent, &[(1, &z)], 3, true).unwrap();
+    let store = std::collections::HashMap::from([(old_id, old_sealed)]);
+    // Entry 0 (a base reference to frame 0) at 48 + 0·37: flags, len, CV.
+    let mut bad = up.sealed.clone();
+    assert_eq!(bad[48], magic::FRAME_FLAG_BASE);
+    bad[48 + 5] ^= 1;
+    let err = open_with(None, &store, &up.id, &bad).unwrap_err();
+    assert!(err.to_string().contains("frame 0"), "{err}");
+    // A base reference with a length, or combined with another flag, is a bad entry.
+    for (off, v) in [
+        (49usize, 1u8),
+        (48, magic::FRAME_FLAG_BASE | magic::FRAME_FLAG_ZSTD),
+    ] {
+        let mut bad = up.sealed.clone();
+        bad[off] = v;
+        assert!(open_with(None, &store, &up.id, &bad).is_err());
+    }
 }
 
 proptest::proptest! {
@@ -202,7 +397,7 @@ proptest::proptest! {
         let mut plain = data(n, 5);
         let (mut id, mut sealed) = seal_fresh(k, &plain);
         for step in steps {
-            let parent = parse_parent(k, &id, sealed.clone(), FS, 1 << 20, "p")
+            let parent = parse_parent(op(k), &id, sealed.clone(), "p")
                 .unwrap()
                 .unwrap();
             let mut changed: Vec<(usize, Vec<u8>)> = Vec::new();
@@ -221,15 +416,78 @@ proptest::proptest! {
             }
             let refs: Vec<(usize, &[u8])> =
                 changed.iter().map(|(f, b)| (*f, &b[..])).collect();
-            let up = seal_update(k, &parent, &refs, 3).unwrap();
+            let up = seal_update(k, &parent, &refs, 3, false).unwrap();
             proptest::prop_assert_eq!(up.id, crate::object::object_hash(k, &plain));
             proptest::prop_assert_eq!(up.all_zero, crate::is_zero(&plain));
             let mut b = up.sealed.clone();
             let mut out = Vec::new();
-            open_into(k, &up.id, &mut b, FS, 1 << 20, "x", &mut out).unwrap();
+            open_into(op(k), &up.id, &mut b, None, "x", &mut out).unwrap();
             proptest::prop_assert!(out == plain);
             id = up.id;
             sealed = up.sealed;
+        }
+    }
+
+    /// The same with delta objects: every version opens (with its base) to its plaintext,
+    /// every base is a framed object, and a delta stores at most half its frames unless its
+    /// base was not attached.
+    #[test]
+    fn chained_delta_updates_match_whole_chunk(
+        log_n in 1u32..4,
+        encrypted: bool,
+        attach: bool,
+        steps in proptest::collection::vec(
+            proptest::collection::vec((0usize..8, 0u8..4, 0u8..255), 1..5), 1..6),
+    ) {
+        let n = 1usize << log_n;
+        let k = encrypted.then(keys);
+        let k = k.as_ref();
+        let mut plain = data(n, 5);
+        let (mut id, sealed) = seal_fresh(k, &plain);
+        let mut store = std::collections::HashMap::from([(id, sealed)]);
+        for step in steps {
+            let mut parent = parse_parent(op(k), &id, store[&id].clone(), "p")
+                .unwrap()
+                .unwrap();
+            let mut changed: Vec<(usize, Vec<u8>)> = Vec::new();
+            for (f, kind, b) in step {
+                let f = f % n;
+                let frame = match kind {
+                    0 => vec![0u8; FS],
+                    1 => vec![b; FS],
+                    _ => data(2, b)[FS..].to_vec(),
+                };
+                changed.retain(|(g, _)| *g != f);
+                changed.push((f, frame));
+            }
+            let touched: Vec<usize> = changed.iter().map(|(f, _)| *f).collect();
+            if attach && parent.wants_base(&touched) {
+                let bid = parent.base_id().unwrap();
+                let base = parse_parent(op(k), &bid, store[&bid].clone(), "b")
+                    .unwrap()
+                    .unwrap();
+                parent.attach_base(base, "p").unwrap();
+            }
+            for (f, frame) in &changed {
+                plain[f * FS..(f + 1) * FS].copy_from_slice(frame);
+            }
+            let refs: Vec<(usize, &[u8])> =
+                changed.iter().map(|(f, b)| (*f, &b[..])).collect();
+            let up = seal_update(k, &parent, &refs, 3, true).unwrap();
+            proptest::prop_assert_eq!(up.id, crate::object::object_hash(k, &plain));
+            proptest::prop_assert_eq!(up.all_zero, crate::is_zero(&plain));
+            proptest::prop_assert!(open_with(k, &store, &up.id, &up.sealed).unwrap() == plain);
+            if let Some(b) = base_of(&up.sealed) {
+                proptest::prop_assert!(base_of(&store[&b]).is_none());
+                if attach {
+                    let mut s = up.sealed.clone();
+                    let p = parse(k, &up.id, &mut s, FS, 1 << 20, true, "x").unwrap();
+                    let own = p.entries.iter().filter(|e| e.stored()).count();
+                    proptest::prop_assert!(own <= n / 2, "{} of {} frames stored", own, n);
+                }
+            }
+            store.entry(up.id).or_insert(up.sealed);
+            id = up.id;
         }
     }
 }

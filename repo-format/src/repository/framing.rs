@@ -60,27 +60,54 @@ impl Repository {
     }
 
     /// Reads the sealed object of chunk `id` for [`Repository::seal_chunk_update`]: the frame
-    /// table is authenticated and decrypted, the frames stay sealed. `Ok(None)` when the chunk
-    /// is stored unframed (version 1) or the repository has no frames.
-    pub fn load_chunk_frames(&self, id: &ChunkId) -> Result<Option<crate::FramedChunk>> {
-        let Some(fs) = self.config.frame_size else {
+    /// table is authenticated and decrypted, the frames stay sealed. When the object is a delta
+    /// object (FORMAT.md 1.6b) and an update changing the frames `touched` would rewrite it
+    /// whole, its base object is read too; otherwise the base is only checked to exist.
+    /// `Ok(None)` when the chunk is stored unframed
+    /// (version 1) or the repository has no frames.
+    pub fn load_chunk_frames(
+        &self,
+        id: &ChunkId,
+        touched: &[usize],
+    ) -> Result<Option<crate::FramedChunk>> {
+        if self.config.frame_size.is_none() {
             return Ok(None);
-        };
+        }
         let key = chunk_key(id);
         let bytes = self.get_object(&key, "chunk")?;
-        crate::framed::parse_parent(
-            self.keys.as_ref(),
-            id.as_bytes(),
-            bytes,
-            fs as usize,
-            self.chunk_limit(),
-            &key,
-        )
+        let o = self.opener(&key)?;
+        let Some(mut parent) = crate::framed::parse_parent(o, id.as_bytes(), bytes, &key)? else {
+            return Ok(None);
+        };
+        if let Some(base) = parent.base_id().filter(|_| parent.wants_base(touched)) {
+            let mut buf = Vec::new();
+            let base_key = self.read_base(&base, &key, &mut buf)?;
+            let framed = crate::framed::parse_parent(o, &base, buf, &base_key)?;
+            let framed = framed.ok_or_else(|| {
+                Error::corrupt(format!(
+                    "object {key} is corrupt: its base {base_key} is not a framed object"
+                ))
+            })?;
+            parent.attach_base(framed, &key)?;
+        } else if let Some(base) = parent.base_id() {
+            // The new version will refer to the same base: it must still be there (a delta on
+            // a missing base would only fail at restore). The caller then reads the chunk whole.
+            let base_key = chunk_key(&ChunkId::from_bytes(base));
+            if !self.backend.exists(&base_key)? {
+                return Err(Error::corrupt(format!(
+                    "object {key} is corrupt: its base object {base_key} is missing"
+                )));
+            }
+        }
+        Ok(Some(parent))
     }
 
     /// The chunk `parent` with the frames in `changed` (frame number, its new plaintext of
     /// frame-size bytes) replaced, sealed: only the changed frames are hashed, compressed and
-    /// encrypted; the others are copied still sealed. Returns the new chunk (same id as sealing
+    /// encrypted. In a version-3 repository the result is a delta object (FORMAT.md 1.6b) that
+    /// takes the unchanged frames from a base object, unless it would store more than half of
+    /// its frames itself; otherwise, and always in a version-2 repository, the unchanged frames
+    /// are copied still sealed into a framed object. Returns the new chunk (same id as sealing
     /// the whole new plaintext) and whether it is all zero (then it need not be stored). No I/O.
     pub fn seal_chunk_update(
         &self,
@@ -92,6 +119,7 @@ impl Repository {
             parent,
             changed,
             self.config.zstd_level,
+            self.deltas(),
         )?;
         Ok((
             SealedChunk {

@@ -89,6 +89,8 @@ pub struct SealedChunk {
 #[derive(Debug, Default)]
 pub struct ChunkBuffers {
     sealed: Vec<u8>,
+    /// A delta object's base.
+    base: Vec<u8>,
     plain: Vec<u8>,
 }
 
@@ -179,7 +181,7 @@ impl Repository {
         let mut config = Config {
             format: magic::CONFIG_FORMAT.to_owned(),
             version: if frame_size.is_some() {
-                magic::CONFIG_VERSION_FRAMED
+                magic::CONFIG_VERSION_DELTA
             } else {
                 magic::CONFIG_VERSION
             },
@@ -504,9 +506,14 @@ impl Repository {
     }
 
     fn open_chunk_vec(&self, id: &ChunkId, mut bytes: Vec<u8>, key: &str) -> Result<Vec<u8>> {
+        if crate::framed::base_of(&bytes).is_some() {
+            return Err(Error::invalid(format!(
+                "chunk {key} is a delta object: it opens only with its base (load_chunk)"
+            )));
+        }
         if crate::framed::is_framed(&bytes) {
             let mut out = Vec::new();
-            self.open_framed(id, &mut bytes, key, &mut out)?;
+            self.open_framed(id, &mut bytes, None, key, &mut out)?;
             return Ok(out);
         }
         object::open(
@@ -519,27 +526,50 @@ impl Repository {
         )
     }
 
-    fn open_framed(
-        &self,
-        id: &ChunkId,
-        sealed: &mut [u8],
-        key: &str,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
+    /// How framed objects of this repository are read; an error for a repository without
+    /// frames, where `key` (a framed object) is corrupt.
+    fn opener(&self, key: &str) -> Result<crate::framed::Opener<'_>> {
         let Some(fs) = self.config.frame_size else {
             return Err(Error::corrupt(format!(
                 "object {key} is corrupt: a framed chunk in a repository without frames"
             )));
         };
-        crate::framed::open_into(
-            self.keys.as_ref(),
-            id.as_bytes(),
-            sealed,
-            fs as usize,
-            self.chunk_limit(),
-            key,
-            out,
-        )
+        Ok(crate::framed::Opener {
+            keys: self.keys.as_ref(),
+            frame_size: fs as usize,
+            limit: self.chunk_limit(),
+            deltas: self.deltas(),
+        })
+    }
+
+    /// Whether this repository's chunk objects may be delta objects (version 3).
+    fn deltas(&self) -> bool {
+        self.config.version == magic::CONFIG_VERSION_DELTA
+    }
+
+    fn open_framed(
+        &self,
+        id: &ChunkId,
+        sealed: &mut [u8],
+        base: Option<crate::framed::BaseObject<'_>>,
+        key: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        crate::framed::open_into(self.opener(key)?, id.as_bytes(), sealed, base, key, out)
+    }
+
+    /// Reads into `buf` the base object a delta object (`key`) names, or says why it cannot:
+    /// a missing or unreadable base makes the delta object corrupt. Returns the base's key.
+    fn read_base(&self, base: &[u8; 32], key: &str, buf: &mut Vec<u8>) -> Result<String> {
+        let base_key = chunk_key(&ChunkId::from_bytes(*base));
+        self.backend.get_into(&base_key, buf).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Corrupt,
+                format!("object {key} is corrupt: cannot read its base object {base_key}"),
+                e,
+            )
+        })?;
+        Ok(base_key)
     }
 
     fn chunk_limit(&self) -> usize {
@@ -563,7 +593,15 @@ impl Repository {
     pub fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let key = chunk_key(id);
         let bytes = self.get_object(&key, "chunk")?;
-        self.open_chunk_vec(id, bytes, &key)
+        if crate::framed::base_of(&bytes).is_none() {
+            return self.open_chunk_vec(id, bytes, &key);
+        }
+        let mut bufs = ChunkBuffers {
+            sealed: bytes,
+            ..ChunkBuffers::default()
+        };
+        self.open_loaded(id, &key, &mut bufs)?;
+        Ok(bufs.plain)
     }
 
     /// Like [`Repository::load_chunk`], into buffers the caller reuses from one chunk to the
@@ -579,8 +617,29 @@ impl Repository {
         self.backend
             .get_into(&key, &mut bufs.sealed)
             .map_err(|e| object_read_error(e, &key, "chunk"))?;
+        self.open_loaded(id, &key, bufs)
+    }
+
+    /// Opens the chunk object read into `bufs.sealed` (a delta object's base read into
+    /// `bufs.base`); returns the plaintext, in `bufs.plain` or, for an unframed object,
+    /// possibly in `bufs.sealed`.
+    fn open_loaded<'a>(
+        &self,
+        id: &ChunkId,
+        key: &str,
+        bufs: &'a mut ChunkBuffers,
+    ) -> Result<&'a [u8]> {
+        if let Some(base) = crate::framed::base_of(&bufs.sealed) {
+            let base_key = self.read_base(&base, key, &mut bufs.base)?;
+            let base = crate::framed::BaseObject {
+                sealed: &mut bufs.base,
+                name: &base_key,
+            };
+            self.open_framed(id, &mut bufs.sealed, Some(base), key, &mut bufs.plain)?;
+            return Ok(&bufs.plain);
+        }
         if crate::framed::is_framed(&bufs.sealed) {
-            self.open_framed(id, &mut bufs.sealed, &key, &mut bufs.plain)?;
+            self.open_framed(id, &mut bufs.sealed, None, key, &mut bufs.plain)?;
             return Ok(&bufs.plain);
         }
         object::open_into(
@@ -589,7 +648,7 @@ impl Repository {
             id.as_bytes(),
             &mut bufs.sealed,
             self.chunk_limit(),
-            &key,
+            key,
             &mut bufs.plain,
         )
     }
