@@ -93,12 +93,14 @@ impl Config {
                 if v == u64::from(magic::CONFIG_VERSION)
                     || v == u64::from(magic::CONFIG_VERSION_FRAMED)
                     || v == u64::from(magic::CONFIG_VERSION_DELTA) => {}
-            Some(v) => return Err(Error::new(
-                ErrorKind::UnsupportedVersion,
-                format!(
+            Some(v) => {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedVersion,
+                    format!(
                     "repository format version {v} is not supported (this build reads 1, 2 and 3)"
                 ),
-            )),
+                ))
+            }
             None => return Err(Error::corrupt("config has no valid version")),
         }
         if let Some(e) = obj.get("encryption").and_then(|e| e.as_str()) {

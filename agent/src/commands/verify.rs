@@ -69,6 +69,40 @@ fn check_chunks(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Reads the header of every chunk in `ids` (on `workers` threads) and returns those that are
+/// delta objects whose base is not in `existing`, or whose header cannot be read.
+fn check_bases(
+    repo: &Repository,
+    ids: &[ChunkId],
+    existing: &HashSet<ChunkId>,
+    workers: usize,
+) -> Vec<(ChunkId, String)> {
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, ids.len().max(1)) {
+            s.spawn(|| {
+                while let Some(id) = ids.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let why = match repo.chunk_base(id) {
+                        Ok(Some(base)) if !existing.contains(&base) => {
+                            format!("its base object (chunk {base}) is missing")
+                        }
+                        Ok(_) => continue,
+                        Err(e) => crate::error::format_chain(&e),
+                    };
+                    failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((*id, why));
+                }
+            });
+        }
+    });
+    failed
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// `lifeboat verify`
 pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
     let start = Instant::now();
@@ -133,18 +167,30 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
 
     // Phase 2: existence.
     let r = repo.clone();
-    let existing: HashSet<ChunkId> = blocking(move || {
-        r.list_chunks()
-            .map(|v| v.into_iter().collect())
-            .map_err(|e| repo_err(e, "cannot list chunks"))
-    })
-    .await?;
+    let existing: Arc<HashSet<ChunkId>> = Arc::new(
+        blocking(move || {
+            r.list_chunks()
+                .map(|v| v.into_iter().collect())
+                .map_err(|e| repo_err(e, "cannot list chunks"))
+        })
+        .await?,
+    );
     let mut bad: BTreeMap<ChunkId, String> = BTreeMap::new();
     for id in &referenced {
         if !existing.contains(id) {
             bad.insert(*id, "missing".to_string());
         }
     }
+    // A delta chunk object (FORMAT.md 1.6b) opens only with its base: each stored chunk's
+    // header says whether it has one (nothing is read in a repository without delta objects).
+    let present: Vec<ChunkId> = referenced
+        .iter()
+        .filter(|id| existing.contains(id))
+        .copied()
+        .collect();
+    let (r, ex) = (repo.clone(), existing.clone());
+    let broken = blocking(move || Ok(check_bases(&r, &present, &ex, concurrency()))).await?;
+    bad.extend(broken);
 
     // Phase 3: read everything.
     let bytes_checked = Arc::new(AtomicU64::new(0));

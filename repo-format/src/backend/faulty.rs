@@ -87,6 +87,13 @@ impl Backend for FaultyBackend {
         self.inner.get_into(key, buf)
     }
 
+    fn get_head(&self, key: &str, len: usize) -> Result<Vec<u8>> {
+        if self.fail_gets.load(Ordering::SeqCst) {
+            return Err(Self::injected("get", key));
+        }
+        self.inner.get_head(key, len)
+    }
+
     fn exists(&self, key: &str) -> Result<bool> {
         self.inner.exists(key)
     }

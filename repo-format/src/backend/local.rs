@@ -278,6 +278,17 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
+    fn get_head(&self, key: &str, len: usize) -> Result<Vec<u8>> {
+        use std::io::Read as _;
+        let path = self.path(key)?;
+        let f = fs::File::open(&path).map_err(|e| read_error(key, e))?;
+        let mut buf = Vec::with_capacity(len);
+        f.take(len as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| read_error(key, e))?;
+        Ok(buf)
+    }
+
     fn exists(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
         match fs::symlink_metadata(&path) {

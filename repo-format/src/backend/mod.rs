@@ -33,6 +33,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// The first `len` bytes of an object (all of it when shorter), for readers that need only
+    /// a header. Errors as [`Backend::get`]. The default reads the whole object.
+    fn get_head(&self, key: &str, len: usize) -> Result<Vec<u8>> {
+        let mut v = self.get(key)?;
+        v.truncate(len);
+        Ok(v)
+    }
+
     /// Whether an object exists.
     fn exists(&self, key: &str) -> Result<bool>;
 

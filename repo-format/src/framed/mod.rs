@@ -31,6 +31,8 @@ use crate::object::{compress_append, decompress_exact};
 const FIXED_LEN: usize = magic::OBJECT_HEADER_LEN + 8;
 /// Bytes of the fixed part of a delta object: that of a framed object, then the base's id.
 const DELTA_FIXED_LEN: usize = FIXED_LEN + 32;
+/// Bytes of a chunk object's head that tell whether it is a delta object, and on which base.
+pub(crate) const DELTA_HEAD_LEN: usize = DELTA_FIXED_LEN;
 /// Bytes of one table entry: flags, sealed length, chaining value.
 const ENTRY_LEN: usize = 1 + 4 + 32;
 

@@ -584,6 +584,21 @@ impl Repository {
             .put_if_absent(&chunk_key(&chunk.id), &chunk.bytes)
     }
 
+    /// The base object a stored chunk's object depends on: `Some` for a delta object (FORMAT.md
+    /// 1.6b), read from its header without authenticating it (opening the chunk does that).
+    /// `None` for any other object, and in a repository without delta objects (nothing read).
+    pub fn chunk_base(&self, id: &ChunkId) -> Result<Option<ChunkId>> {
+        if !self.deltas() {
+            return Ok(None);
+        }
+        let key = chunk_key(id);
+        let head = self
+            .backend
+            .get_head(&key, crate::framed::DELTA_HEAD_LEN)
+            .map_err(|e| object_read_error(e, &key, "chunk"))?;
+        Ok(crate::framed::base_of(&head).map(ChunkId::from_bytes))
+    }
+
     /// Whether a chunk is stored.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
         self.backend.exists(&chunk_key(id))
