@@ -188,9 +188,9 @@ pub struct InitArgs {
     ///
     /// The unit of deduplication and of storage: an incremental backup stores a new version of
     /// every chunk that holds a changed block. With frames (the default, see --frame-size) it
-    /// reads and seals only the changed frames of such a chunk; without frames it reads the
-    /// whole chunk, so that smaller chunks (256K) suit VMs whose writes are small and
-    /// scattered. Larger chunks make full backups cheaper (fewer objects).
+    /// reads, seals and stores only the changed frames of such a chunk; without frames it reads
+    /// and stores the whole chunk, so that smaller chunks (256K) suit VMs whose writes are small
+    /// and scattered. Larger chunks make full backups cheaper (fewer objects).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     pub chunk_size: u64,
     /// zstd compression level.
@@ -200,8 +200,9 @@ pub struct InitArgs {
     /// unframed chunks.
     ///
     /// Each chunk is compressed and encrypted as independent frames, so that an incremental
-    /// backup reads and seals only the frames that hold a changed block and copies the others
-    /// from the previous version of the chunk. 64K (QEMU's dirty-bitmap granularity) makes
+    /// backup reads, seals and stores only the frames that hold a changed block; the new
+    /// version of the chunk refers to the others in the previous one (a format-3 repository's
+    /// delta objects). 64K (QEMU's dirty-bitmap granularity) makes
     /// incrementals of small scattered writes cheapest; larger frames compress slightly better
     /// (the bench's mixed disk: 64K frames store ≈ 7 % more than unframed 1M chunks, 256K ≈ 3 %).
     #[arg(long, value_parser = parse_size, default_value = "64K")]
