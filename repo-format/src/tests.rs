@@ -15,6 +15,11 @@ fn password(p: &str) -> Secret {
 }
 
 fn init(backend: Arc<dyn Backend>, encrypted: bool) -> Repository {
+    Repository::init(backend, options(encrypted, CHUNK)).unwrap()
+}
+
+/// Init options with a cheap KDF, chunks of `chunk` bytes and the default frames.
+fn options(encrypted: bool, chunk: u32) -> InitOptions {
     let encryption = if encrypted {
         Encryption::Encrypted {
             secret: password("pw"),
@@ -24,8 +29,8 @@ fn init(backend: Arc<dyn Backend>, encrypted: bool) -> Repository {
         Encryption::None
     };
     let mut opts = InitOptions::new(encryption);
-    opts.chunk_size = CHUNK;
-    Repository::init(backend, opts).unwrap()
+    opts.chunk_size = chunk;
+    opts
 }
 
 fn mem_repo(encrypted: bool) -> (Arc<MemoryBackend>, Repository) {
@@ -814,16 +819,7 @@ fn tampering_any_config_byte_exhaustive() {
 /// A framed repository of 256 KiB chunks in 64 KiB frames (version 3: delta objects).
 fn framed_repo(encrypted: bool) -> (Arc<MemoryBackend>, Repository) {
     let mem = Arc::new(MemoryBackend::new());
-    let encryption = if encrypted {
-        Encryption::Encrypted {
-            secret: password("pw"),
-            kdf: CHEAP,
-        }
-    } else {
-        Encryption::None
-    };
-    let mut opts = InitOptions::new(encryption);
-    opts.chunk_size = 4 * CHUNK;
+    let mut opts = options(encrypted, 4 * CHUNK);
     opts.frame_size = Some(CHUNK);
     let repo = Repository::init(mem.clone(), opts).unwrap();
     assert_eq!(repo.config().version, magic::CONFIG_VERSION_DELTA);

@@ -29,6 +29,40 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Runs `check` on every chunk of `ids`, on `workers` threads that take the chunks in turn,
+/// each with its own state `S` reused from one chunk to the next. Returns the chunks `check`
+/// found a problem with, and why; stops early once `stop` is set.
+fn check_each<S: Default>(
+    ids: &[ChunkId],
+    workers: usize,
+    stop: &AtomicBool,
+    check: impl Fn(&ChunkId, &mut S) -> Option<String> + Sync,
+) -> Vec<(ChunkId, String)> {
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, ids.len().max(1)) {
+            s.spawn(|| {
+                let mut state = S::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(id) = ids.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    if let Some(why) = check(id, &mut state) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((*id, why));
+                    }
+                }
+            });
+        }
+    });
+    failed
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Loads and checks every chunk of `ids` on `workers` threads, each reading, decrypting and
 /// decompressing in its own reused buffers (no allocation or first-touch page faults per
 /// chunk). Returns the chunks that failed, with why; stops early once `stop` is set.
@@ -40,33 +74,17 @@ fn check_chunks(
     bytes_checked: &AtomicU64,
     progress: &Progress,
 ) -> Vec<(ChunkId, String)> {
-    let next = AtomicUsize::new(0);
-    let failed = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..workers.clamp(1, ids.len().max(1)) {
-            s.spawn(|| {
-                let mut bufs = ChunkBuffers::default();
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(id) = ids.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        break;
-                    };
-                    match repo.load_chunk_into(id, &mut bufs) {
-                        Ok(data) => {
-                            bytes_checked.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => failed
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push((*id, crate::error::format_chain(&e))),
-                    }
-                    progress.add(1);
-                }
-            });
-        }
-    });
-    failed
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    check_each(ids, workers, stop, |id, bufs: &mut ChunkBuffers| {
+        let why = match repo.load_chunk_into(id, bufs) {
+            Ok(data) => {
+                bytes_checked.fetch_add(data.len() as u64, Ordering::Relaxed);
+                None
+            }
+            Err(e) => Some(crate::error::format_chain(&e)),
+        };
+        progress.add(1);
+        why
+    })
 }
 
 /// Reads the header of every chunk in `ids` (on `workers` threads) and returns those that are
@@ -77,30 +95,18 @@ fn check_bases(
     existing: &HashSet<ChunkId>,
     workers: usize,
 ) -> Vec<(ChunkId, String)> {
-    let next = AtomicUsize::new(0);
-    let failed = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..workers.clamp(1, ids.len().max(1)) {
-            s.spawn(|| {
-                while let Some(id) = ids.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let why = match repo.chunk_base(id) {
-                        Ok(Some(base)) if !existing.contains(&base) => {
-                            format!("its base object (chunk {base}) is missing")
-                        }
-                        Ok(_) => continue,
-                        Err(e) => crate::error::format_chain(&e),
-                    };
-                    failed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((*id, why));
-                }
-            });
-        }
-    });
-    failed
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    check_each(
+        ids,
+        workers,
+        &AtomicBool::new(false),
+        |id, _: &mut ()| match repo.chunk_base(id) {
+            Ok(Some(base)) if !existing.contains(&base) => {
+                Some(format!("its base object (chunk {base}) is missing"))
+            }
+            Ok(_) => None,
+            Err(e) => Some(crate::error::format_chain(&e)),
+        },
+    )
 }
 
 /// `lifeboat verify`

@@ -380,61 +380,17 @@ fn base_frames_checked_against_the_base_table() {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(40))]
 
     /// Any chain of updates (frames replaced by zeros, runs or pseudo-random bytes) yields
-    /// the id of the whole new plaintext and opens to it, encrypted or not.
+    /// the id of the whole new plaintext and opens (with its base, for a delta) to it,
+    /// encrypted or not, with delta objects or without; every base is a framed object, and a
+    /// delta stores at most half its frames unless its base was not attached.
     #[test]
     fn chained_updates_match_whole_chunk(
         log_n in 1u32..4,
         encrypted: bool,
-        steps in proptest::collection::vec(
-            proptest::collection::vec((0usize..8, 0u8..4, 0u8..255), 1..5), 1..4),
-    ) {
-        let n = 1usize << log_n;
-        let k = encrypted.then(keys);
-        let k = k.as_ref();
-        let mut plain = data(n, 5);
-        let (mut id, mut sealed) = seal_fresh(k, &plain);
-        for step in steps {
-            let parent = parse_parent(op(k), &id, sealed.clone(), "p")
-                .unwrap()
-                .unwrap();
-            let mut changed: Vec<(usize, Vec<u8>)> = Vec::new();
-            for (f, kind, b) in step {
-                let f = f % n;
-                let frame = match kind {
-                    0 => vec![0u8; FS],
-                    1 => vec![b; FS],
-                    _ => data(2, b)[FS..].to_vec(),
-                };
-                changed.retain(|(g, _)| *g != f);
-                changed.push((f, frame));
-            }
-            for (f, frame) in &changed {
-                plain[f * FS..(f + 1) * FS].copy_from_slice(frame);
-            }
-            let refs: Vec<(usize, &[u8])> =
-                changed.iter().map(|(f, b)| (*f, &b[..])).collect();
-            let up = seal_update(k, &parent, &refs, 3, false).unwrap();
-            proptest::prop_assert_eq!(up.id, crate::object::object_hash(k, &plain));
-            proptest::prop_assert_eq!(up.all_zero, crate::is_zero(&plain));
-            let mut b = up.sealed.clone();
-            let mut out = Vec::new();
-            open_into(op(k), &up.id, &mut b, None, "x", &mut out).unwrap();
-            proptest::prop_assert!(out == plain);
-            id = up.id;
-            sealed = up.sealed;
-        }
-    }
-
-    /// The same with delta objects: every version opens (with its base) to its plaintext,
-    /// every base is a framed object, and a delta stores at most half its frames unless its
-    /// base was not attached.
-    #[test]
-    fn chained_delta_updates_match_whole_chunk(
-        log_n in 1u32..4,
-        encrypted: bool,
+        deltas: bool,
         attach: bool,
         steps in proptest::collection::vec(
             proptest::collection::vec((0usize..8, 0u8..4, 0u8..255), 1..5), 1..6),
@@ -461,7 +417,7 @@ proptest::proptest! {
                 changed.push((f, frame));
             }
             let touched: Vec<usize> = changed.iter().map(|(f, _)| *f).collect();
-            if attach && parent.wants_base(&touched) {
+            if attach && deltas && parent.wants_base(&touched) {
                 let bid = parent.base_id().unwrap();
                 let base = parse_parent(op(k), &bid, store[&bid].clone(), "b")
                     .unwrap()
@@ -473,11 +429,12 @@ proptest::proptest! {
             }
             let refs: Vec<(usize, &[u8])> =
                 changed.iter().map(|(f, b)| (*f, &b[..])).collect();
-            let up = seal_update(k, &parent, &refs, 3, true).unwrap();
+            let up = seal_update(k, &parent, &refs, 3, deltas).unwrap();
             proptest::prop_assert_eq!(up.id, crate::object::object_hash(k, &plain));
             proptest::prop_assert_eq!(up.all_zero, crate::is_zero(&plain));
             proptest::prop_assert!(open_with(k, &store, &up.id, &up.sealed).unwrap() == plain);
             if let Some(b) = base_of(&up.sealed) {
+                proptest::prop_assert!(deltas);
                 proptest::prop_assert!(base_of(&store[&b]).is_none());
                 if attach {
                     let mut s = up.sealed.clone();
