@@ -65,14 +65,16 @@ pub async fn init(global: &GlobalOpts, args: InitArgs) -> Result<()> {
     emit(
         global,
         &json!({ "repository": loc, "id": id, "chunk_size": chunk_size,
-                 "frame_size": repo.frame_size(), "encrypted": repo.is_encrypted() }),
+                 "frame_size": repo.frame_size(), "encrypted": repo.is_encrypted(),
+                 "format_version": repo.config().version }),
         &format!(
-            "created {} repository {id} at {loc} (chunk size {}{})",
+            "created {} repository {id} at {loc} (format version {}, chunk size {}{})",
             if repo.is_encrypted() {
                 "encrypted"
             } else {
                 "UNENCRYPTED"
             },
+            repo.config().version,
             super::human_bytes(u64::from(chunk_size)),
             match repo.frame_size() {
                 Some(f) => format!(", frames of {}", super::human_bytes(u64::from(f))),
