@@ -500,7 +500,8 @@ impl Repository {
     }
 
     /// Verifies, decrypts and decompresses a sealed chunk and checks it hashes to `id`. No I/O.
-    /// Any mismatch is [`ErrorKind::Corrupt`].
+    /// Any mismatch is [`ErrorKind::Corrupt`]. A delta object (FORMAT.md 1.6b) needs its base,
+    /// which this cannot read: [`ErrorKind::InvalidArgument`] (use [`Repository::load_chunk`]).
     pub fn open_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>> {
         self.open_chunk_vec(id, bytes.to_vec(), &chunk_key(id))
     }
