@@ -94,12 +94,11 @@ impl Config {
                     || v == u64::from(magic::CONFIG_VERSION_FRAMED)
                     || v == u64::from(magic::CONFIG_VERSION_DELTA) => {}
             Some(v) => {
+                let why = format!("repository format version {v} is not supported");
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
-                    format!(
-                    "repository format version {v} is not supported (this build reads 1, 2 and 3)"
-                ),
-                ))
+                    format!("{why} (this build reads 1, 2 and 3)"),
+                ));
             }
             None => return Err(Error::corrupt("config has no valid version")),
         }

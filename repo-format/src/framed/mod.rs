@@ -107,25 +107,24 @@ impl FramedChunk {
     /// Attaches the frames of this delta object's base, read by the caller, checking that
     /// they are the base this object names and that every frame it takes from it is there.
     pub(crate) fn attach_base(&mut self, base: FramedChunk, name: &str) -> Result<()> {
-        check_base(self.base, &self.entries, &base, name)?;
+        check_base(
+            self.base,
+            &self.entries,
+            base.id,
+            base.base,
+            &base.entries,
+            name,
+        )?;
         self.base_chunk = Some(Box::new(base));
         Ok(())
     }
 }
 
-/// Checks that `base` is the base object a delta object (its base id `want`, its table
-/// `entries`) names: a framed object of that id, with as many frames, holding every frame
-/// the delta takes from it with the same chaining value.
+/// Checks that a base object (its id, whether it is itself a delta object, its table) is the
+/// one a delta object (its base id `want`, its table `entries`) names: a framed object of that
+/// id, with as many frames, holding every frame the delta takes from it with the same chaining
+/// value.
 fn check_base(
-    want: Option<[u8; 32]>,
-    entries: &[FrameEntry],
-    base: &FramedChunk,
-    name: &str,
-) -> Result<()> {
-    check_base_entries(want, entries, base.id, base.base, &base.entries, name)
-}
-
-fn check_base_entries(
     want: Option<[u8; 32]>,
     entries: &[FrameEntry],
     base_id: [u8; 32],
@@ -413,15 +412,8 @@ struct Parsed {
 
 /// Checks the fixed part and decrypts the table of a framed object (or, when `deltas`, of a
 /// delta object) in place.
-fn parse(
-    keys: Option<&Keys>,
-    id: &[u8; 32],
-    sealed: &mut [u8],
-    frame_size: usize,
-    limit: usize,
-    deltas: bool,
-    name: &str,
-) -> Result<Parsed> {
+fn parse(o: Opener<'_>, id: &[u8; 32], sealed: &mut [u8], name: &str) -> Result<Parsed> {
+    let (keys, frame_size, limit, deltas) = (o.keys, o.frame_size, o.limit, o.deltas);
     let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
     let Some(fixed) = sealed.first_chunk::<FIXED_LEN>().copied() else {
         return Err(corrupt("truncated header"));
@@ -608,7 +600,7 @@ pub(crate) fn open_into(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let (keys, frame_size) = (o.keys, o.frame_size);
-    let p = parse(keys, id, sealed, frame_size, o.limit, o.deltas, name)?;
+    let p = parse(o, id, sealed, name)?;
     let mut based = match (p.base, base) {
         (None, _) => None,
         (Some(_), None) => {
@@ -617,8 +609,8 @@ pub(crate) fn open_into(
             )))
         }
         (Some(want), Some(b)) => {
-            let bp = parse(keys, &want, b.sealed, frame_size, o.limit, o.deltas, b.name)?;
-            check_base_entries(p.base, &p.entries, want, bp.base, &bp.entries, name)?;
+            let bp = parse(o, &want, b.sealed, b.name)?;
+            check_base(p.base, &p.entries, want, bp.base, &bp.entries, name)?;
             Some((bp, b))
         }
     };
@@ -659,15 +651,7 @@ pub(crate) fn parse_parent(
         return Ok(None);
     }
     // Only the table is decrypted (in place); the frames stay sealed, to be copied as they are.
-    let p = parse(
-        o.keys,
-        id,
-        &mut sealed,
-        o.frame_size,
-        o.limit,
-        o.deltas,
-        name,
-    )?;
+    let p = parse(o, id, &mut sealed, name)?;
     Ok(Some(FramedChunk {
         id: *id,
         frame_size: o.frame_size,

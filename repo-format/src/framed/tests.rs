@@ -185,7 +185,16 @@ fn frames_swapped_between_positions_fail() {
         entries: e,
         starts: s,
         ..
-    } = parse(None, &id, &mut b, FS, 1 << 20, false, "x").unwrap();
+    } = parse(
+        Opener {
+            deltas: false,
+            ..op(None)
+        },
+        &id,
+        &mut b,
+        "x",
+    )
+    .unwrap();
     assert_eq!(e[0].sealed_len, e[1].sealed_len);
     let l = e[0].sealed_len as usize;
     let mut swapped = sealed.clone();
@@ -438,7 +447,7 @@ proptest::proptest! {
                 proptest::prop_assert!(base_of(&store[&b]).is_none());
                 if attach {
                     let mut s = up.sealed.clone();
-                    let p = parse(k, &up.id, &mut s, FS, 1 << 20, true, "x").unwrap();
+                    let p = parse(op(k), &up.id, &mut s, "x").unwrap();
                     let own = p.entries.iter().filter(|e| e.stored()).count();
                     proptest::prop_assert!(own <= n / 2, "{} of {} frames stored", own, n);
                 }
