@@ -9,6 +9,7 @@ pub mod backup;
 pub mod progress;
 pub mod restore;
 pub mod serve;
+mod writeback;
 
 /// How many chunks are in flight at once: enough to keep every core busy and the NBD connection
 /// pipelined, small enough to bound memory (each chunk in flight holds about two chunk buffers).

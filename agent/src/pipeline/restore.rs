@@ -5,7 +5,9 @@
 //! each worker in its own reused buffers; each is written at its own offset (order does not
 //! matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
 //! chunk, only the runs of blocks that hold a non-zero byte are: fewer bytes through the kernel,
-//! and a sparser result. The caller writes into a temporary file and renames it only on success.
+//! and a sparser result. Writeback of each written range starts at once ([`super::writeback`]),
+//! so the disk works while chunks are still being decoded and dirty pages stay few. The caller
+//! writes into a temporary file and renames it only on success.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -152,12 +154,20 @@ pub async fn restore_disk(
                             let _turn = write_turn
                                 .lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-                            for (s, e) in runs {
+                            for &(s, e) in &runs {
                                 let at = off + s as u64;
                                 let piece = data.get(s..e).unwrap_or_default();
                                 file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
                                     format!("cannot write {} bytes at offset {at}", e - s)
                                 })?;
+                            }
+                            drop(_turn);
+                            if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
+                                super::writeback::start(
+                                    &file,
+                                    off + first.0 as u64,
+                                    (last.1 - first.0) as u64,
+                                );
                             }
                             Ok(())
                         })

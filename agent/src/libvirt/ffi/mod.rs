@@ -5,9 +5,10 @@
 //! - `block_job.rs`: block pull, block job info, active block commit, block job abort/pivot;
 //! - `snapshot.rs`: start a domain from a memory state file with a replacement XML.
 //!
-//! This is the only place in Lifeboat that may use `unsafe` (`#![allow(unsafe_code)]` below
+//! This is the only place in Lifeboat that may use `unsafe` freely (`#![allow(unsafe_code)]` below
 //! covers this module and its children; the crate denies it everywhere else, except for the
-//! one `mallopt` call at the start of `main`). Every block
+//! one `mallopt` call at the start of `main` and the one `sync_file_range` call in
+//! `pipeline/writeback.rs`). Every block
 //! carries a `// SAFETY:` comment. Every function takes a live `virt` handle
 //! (`virt::domain::Domain` / `virt::connect::Connect`, which own a reference to their C
 //! pointer) and C strings prepared by the caller, and converts the C result into owned Rust
