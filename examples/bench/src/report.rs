@@ -285,7 +285,8 @@ impl Report {
                 mb(v, b.secs)
             );
         }
-        if let Some(c) = self.cpu {
+        // (Not with `--only-live`: the offline runs it compares did not happen.)
+        if let (Some(c), true) = (self.cpu, self.get("lb.full").is_some()) {
             let _ = writeln!(
                 s,
                 "| keyed BLAKE3, 1 core / all {} cores | {:.0} / {:.0} |",
@@ -477,7 +478,8 @@ impl Report {
         let _ = writeln!(s);
 
         // CPU work: less sensitive to the load of a shared machine than wall time.
-        if let Some(c) = self.cpu {
+        // (Not with `--only-live`: the offline runs it compares did not happen.)
+        if let (Some(c), true) = (self.cpu, self.get("lb.full").is_some()) {
             let _ = writeln!(
                 s,
                 "| CPU work (user + system s, children such as qemu-nbd included) | Lifeboat | ceiling's work | efficiency |"

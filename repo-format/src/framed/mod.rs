@@ -614,7 +614,9 @@ pub(crate) fn open_into(
             Some((bp, b))
         }
     };
-    out.clear();
+    // No clear(): every frame below overwrites its whole range or fails, so a reused buffer
+    // keeps its old bytes instead of being zeroed first (a memset of every chunk was 3.5 % of
+    // `verify --read-data`). On failure `out` holds garbage, never returned as data.
     out.resize(p.entries.len() * frame_size, 0);
     for (i, (e, s)) in p.entries.iter().zip(&p.starts).enumerate() {
         let dst = &mut out[i * frame_size..(i + 1) * frame_size];

@@ -81,6 +81,21 @@ fn round_trip_and_zero_frames_cost_nothing() {
     );
 }
 
+/// A reused output buffer is not zeroed first: every frame kind (zero, compressed, stored
+/// raw) must overwrite its whole range, also over a longer, different chunk's bytes.
+#[test]
+fn reused_buffer_holds_only_the_new_chunk() {
+    let k = keys();
+    let mut out = vec![0xA5u8; 20 * FS];
+    for (n, seed) in [(16usize, 1u8), (16, 2), (4, 7), (16, 3)] {
+        let d = data(n, seed);
+        let (id, mut sealed) = seal_fresh(Some(&k), &d);
+        open_into(op(Some(&k)), &id, &mut sealed, None, "x", &mut out).unwrap();
+        assert!(out == d, "{n} frames, seed {seed}");
+        out.iter_mut().for_each(|b| *b = !*b);
+    }
+}
+
 #[test]
 fn update_equals_fresh_seal() {
     let k = keys();
