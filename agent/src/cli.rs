@@ -193,8 +193,12 @@ pub struct InitArgs {
     /// and scattered. Larger chunks make full backups cheaper (fewer objects).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     pub chunk_size: u64,
-    /// zstd compression level.
-    #[arg(long, default_value_t = 3)]
+    /// zstd compression level of the repository's chunks, 1 (fastest) to 22 (densest).
+    ///
+    /// The default, 1, costs about a quarter less CPU than zstd's default 3 for about 2 % more
+    /// stored data on a typical VM disk: backup windows and host CPU usually matter more than
+    /// that. Reading does not depend on the level.
+    #[arg(long, default_value_t = repo_format::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
     /// Frame size of chunk objects: a power of two from 64K, smaller than the chunk size; 0 for
     /// unframed chunks.

@@ -342,7 +342,7 @@ fn config_format() {
     assert_eq!(v["version"], 1);
     assert_eq!(v["encryption"], "xchacha20poly1305-blake3");
     assert_eq!(v["compression"], "zstd");
-    assert_eq!(v["zstd_level"], 3);
+    assert_eq!(v["zstd_level"], DEFAULT_ZSTD_LEVEL);
     assert_eq!(v["chunk_size"], CHUNK);
     assert_eq!(v["id"].as_str().unwrap().len(), 32);
     assert_eq!(v["mac"].as_str().unwrap().len(), 64);

@@ -71,6 +71,11 @@ struct Args {
     /// chunk size when unframed), as Lifeboat does. Default: the repository default, 64K.
     #[arg(long, default_value = "64K")]
     frame_size: String,
+    /// zstd level of the benchmark repositories (`lifeboat repo init --zstd-level`); the CPU
+    /// ceilings compress at the same level, and so does borg. Default: the repository
+    /// default, 1.
+    #[arg(long, default_value_t = 1)]
+    zstd_level: i32,
 }
 
 const MIB: u64 = 1 << 20;
@@ -128,6 +133,8 @@ struct Ctx {
     scratch: PathBuf,
     /// `--chunk-size` for `lifeboat repo init`.
     chunk_size: String,
+    /// `--zstd-level` for `lifeboat repo init`.
+    zstd_level: String,
     /// `--frame-size` for `lifeboat repo init`.
     frame_size: String,
     /// Where [`Ctx::discard`] moves trees to; removed with the run directory at the end.
@@ -170,6 +177,8 @@ impl Ctx {
                 &self.chunk_size,
                 "--frame-size",
                 &self.frame_size,
+                "--zstd-level",
+                &self.zstd_level,
             ],
         )
         .map(|_| ())
@@ -384,18 +393,20 @@ fn main() -> Result<()> {
         scratch: scratch.clone(),
         chunk_size: args.chunk_size.clone(),
         frame_size: args.frame_size.clone(),
+        zstd_level: args.zstd_level.to_string(),
         trash: run_dir.join("trash"),
     };
 
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let zstd_level = 3; // the repository default (`lifeboat repo init` without --zstd-level)
+    let zstd_level = args.zstd_level;
     let sample_limit = if args.quick { 64 * MIB } else { 256 * MIB };
     eprintln!("loading a CPU sample of the image's non-zero chunks...");
     let sample = cpu::load_sample(&raw, frame_bytes.unwrap_or(chunk_bytes), sample_limit)?;
 
     let mut rep = Report::new(size, rounds, threads, sample.bytes());
+    rep.zstd_level = zstd_level;
     rep.chunk_label = size_label(chunk_bytes as u64);
     rep.frame_label = frame_bytes.map(|f| size_label(f as u64));
     rep.loads.push(format!("start: {}", proc::loadavg()));
@@ -587,7 +598,7 @@ fn one_round(
             &ctx.scratch,
         )?;
         let r = proc::sh(
-            &format!("{export} - | borg create --compression zstd,3 --stdin-name vda.raw ::full -"),
+            &format!("{export} - | borg create --compression zstd,{zstd_level} --stdin-name vda.raw ::full -"),
             &borg_env,
             &ctx.scratch,
         )?;
@@ -618,7 +629,7 @@ fn one_round(
     }
     if have_borg {
         let r = proc::sh(
-            &format!("{export} - | borg create --compression zstd,3 --stdin-name vda.raw ::incr -"),
+            &format!("{export} - | borg create --compression zstd,{zstd_level} --stdin-name vda.raw ::incr -"),
             &borg_env,
             &ctx.scratch,
         )?;

@@ -92,6 +92,8 @@ pub struct Report {
     pub chunk_label: String,
     /// "64 KiB" when chunks are sealed in frames of that size, `None` when unframed.
     pub frame_label: Option<String>,
+    /// zstd level of the repositories, the CPU ceilings and borg.
+    pub zstd_level: i32,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
     cpu: Option<Ceilings>,
@@ -147,6 +149,7 @@ impl Report {
             loads: Vec::new(),
             chunk_label: "1 MiB".into(),
             frame_label: Some("64 KiB".into()),
+            zstd_level: 1,
             live: None,
             results: BTreeMap::new(),
             cpu: None,
@@ -260,7 +263,7 @@ impl Report {
         let _ = writeln!(
             s,
             "- Best of {} interleaved round(s); image in the page cache for every reader; repository \
-             encrypted (key file), {} chunks{}, zstd 3. Durability: Lifeboat fsyncs what it \
+             encrypted (key file), {} chunks{}, zstd level {}. Durability: Lifeboat fsyncs what it \
              writes (objects, restored image); `qemu-img convert` is followed by `sync FILE`; \
              nbdcopy writes nothing. MB/s = 10^6 bytes/s.",
             self.rounds,
@@ -268,7 +271,8 @@ impl Report {
             match &self.frame_label {
                 Some(f) => format!(" sealed in {f} frames"),
                 None => " (unframed)".into(),
-            }
+            },
+            self.zstd_level
         );
         let _ = writeln!(s);
 
@@ -294,7 +298,8 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| zstd level 3, 1 core (sample compresses to {:.0} %) | {:.0} |",
+                "| zstd level {}, 1 core (sample compresses to {:.0} %) | {:.0} |",
+                self.zstd_level,
                 c.compress_ratio * 100.0,
                 c.zstd_1
             );
@@ -532,9 +537,10 @@ impl Report {
 
         // Peers.
         let mut peers = String::new();
+        let borg_label = format!("borg `create` from stdin, zstd {}", self.zstd_level);
         for (peer, label) in [
             ("restic", "restic 0.x `backup --stdin`"),
-            ("borg", "borg `create` from stdin, zstd 3"),
+            ("borg", borg_label.as_str()),
         ] {
             for (kind, lb) in [("full", "lb.full"), ("incr", "lb.incr")] {
                 if let (Some(p), Some(l)) = (self.get(&format!("{peer}.{kind}")), self.get(lb)) {
