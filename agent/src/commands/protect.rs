@@ -12,8 +12,9 @@ use crate::cli::{BackupArgs, GlobalOpts, ProtectArgs};
 use crate::error::{Error, ErrorKind, Result};
 use crate::libvirt::Hypervisor;
 use crate::repo::blocking;
-use crate::rollback::ops::{self, TakeOptions};
+use crate::rollback::ops;
 use crate::rollback::state::{self, BackupRef, RollbackState};
+use crate::rollback::take::{self, TakeOptions};
 use crate::vm::job::FreezeHook;
 
 fn src(e: crate::libvirt::LibvirtError, what: impl Into<String>) -> Error {
@@ -60,7 +61,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
             .domain(&vm2)
             .map_err(|e| src(e, format!("no domain {vm2}")))?;
         let active = dom.is_active().map_err(|e| src(e, "query domain state"))?;
-        let (st, excluded) = ops::plan(&dom, &uri2, &topts)?;
+        let (st, excluded) = take::plan(&dom, &uri2, &topts)?;
         Ok((st, excluded, notes, active))
     })
     .await?;
@@ -93,7 +94,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
                     .is_ok_and(|r| r.contains("\"frozen\""))
             });
             let mut st = plan.clone();
-            let r = ops::take(&hv, &dom, &mut st, &excluded, frozen);
+            let r = take::take(&hv, &dom, &mut st, &excluded, frozen);
             if let Ok(mut t) = taken.lock() {
                 *t = Some(st);
             }
@@ -179,7 +180,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
                 // Label the libvirt snapshot with the backup too (best effort; an offline
                 // point has no libvirt metadata).
                 let (uri, vm, name) = (uri.clone(), st.vm.clone(), st.snapshot.clone());
-                let desc = format!("{}; backup: {}", ops::description(&st), b.snapshot);
+                let desc = format!("{}; backup: {}", take::description(&st), b.snapshot);
                 let r = blocking(move || {
                     let hv = Hypervisor::connect(&uri).map_err(|e| src(e, "connect to libvirt"))?;
                     let dom = hv.domain(&vm).map_err(|e| src(e, "look up domain"))?;

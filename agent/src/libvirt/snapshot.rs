@@ -11,7 +11,7 @@
 //!   and, once pivoted, the domain runs on the base image again; libvirt merges the overlay's
 //!   bitmaps into the base image's, so checkpoints stay valid;
 //! - for a shut-off domain libvirt 9.0 refuses an external snapshot while checkpoints exist
-//!   ("cannot perform block operations while checkpoint exists"): `rollback::ops` then makes the
+//!   ("cannot perform block operations while checkpoint exists"): `rollback::take` then makes the
 //!   overlays itself;
 //! - a snapshot or backup job is a domain "async job": a snapshot cannot be created while a
 //!   backup job runs, so a rollback point is taken after the freeze and before the backup job

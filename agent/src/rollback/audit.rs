@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::ops::{qemu_img, SNAPSHOT_PREFIX};
+use super::images::qemu_img;
+use super::ops::SNAPSHOT_PREFIX;
 use super::state;
 use crate::error::{Error, ErrorKind, Result};
 use crate::libvirt::{DiskSource, Hypervisor};

@@ -5,9 +5,11 @@
 //! `<disk file>.lifeboat-rb-<time>.qcow2`, plus an external memory state file with
 //! `--memory`), taken inside the frozen window of the backup job that `protect` runs, so the
 //! backup in the repository and the local point show the same moment. Its life is journaled
-//! in [`state`]; [`ops`] takes, rolls back, consolidates and repairs; [`audit`] lists every
-//! snapshot, overlay chain and checkpoint on a host.
+//! in [`state`]; [`take`] takes it; [`ops`] rolls back, consolidates and repairs; [`audit`]
+//! lists every snapshot, overlay chain and checkpoint on a host ([`images`]: `qemu-img` calls).
 
 pub mod audit;
+pub mod images;
 pub mod ops;
 pub mod state;
+pub mod take;
