@@ -87,7 +87,7 @@ impl Backend for FaultyBackend {
         self.inner.get_into(key, buf)
     }
 
-    fn get_head(&self, key: &str, len: usize) -> Result<Vec<u8>> {
+    fn get_head(&self, key: &str, len: usize) -> Result<(Vec<u8>, u64)> {
         if self.fail_gets.load(Ordering::SeqCst) {
             return Err(Self::injected("get", key));
         }

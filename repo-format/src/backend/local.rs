@@ -278,15 +278,16 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    fn get_head(&self, key: &str, len: usize) -> Result<Vec<u8>> {
+    fn get_head(&self, key: &str, len: usize) -> Result<(Vec<u8>, u64)> {
         use std::io::Read as _;
         let path = self.path(key)?;
         let f = fs::File::open(&path).map_err(|e| read_error(key, e))?;
-        let mut buf = Vec::with_capacity(len);
+        let size = f.metadata().map_err(|e| read_error(key, e))?.len();
+        let mut buf = Vec::with_capacity(len.min(usize::try_from(size).unwrap_or(len)));
         f.take(len as u64)
             .read_to_end(&mut buf)
             .map_err(|e| read_error(key, e))?;
-        Ok(buf)
+        Ok((buf, size))
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
@@ -416,6 +417,23 @@ mod tests {
         assert!(b.put_if_absent("chunks/ab/abcd", b"one").unwrap());
         assert_ne!(b.write_mode.load(Ordering::Relaxed), NAMED_TEMP);
         assert!(!dir.path().join(TMP_DIR).exists());
+    }
+
+    #[test]
+    fn head_of_an_object_and_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        assert!(b.put_if_absent("chunks/ab/abcd", b"hello world").unwrap());
+        assert_eq!(
+            b.get_head("chunks/ab/abcd", 5).unwrap(),
+            (b"hello".to_vec(), 11)
+        );
+        assert_eq!(
+            b.get_head("chunks/ab/abcd", 100).unwrap(),
+            (b"hello world".to_vec(), 11)
+        );
+        let e = b.get_head("chunks/ab/abce", 5).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
     }
 
     fn put_get_list_delete(mode: u8) {

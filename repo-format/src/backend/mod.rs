@@ -33,12 +33,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// The first `len` bytes of an object (all of it when shorter), for readers that need only
-    /// a header. Errors as [`Backend::get`]. The default reads the whole object.
-    fn get_head(&self, key: &str, len: usize) -> Result<Vec<u8>> {
+    /// The first `len` bytes of an object (all of it when shorter) and the object's whole
+    /// size, for readers that need only a header. Errors as [`Backend::get`]. The default reads
+    /// the whole object.
+    fn get_head(&self, key: &str, len: usize) -> Result<(Vec<u8>, u64)> {
         let mut v = self.get(key)?;
+        let size = v.len() as u64;
         v.truncate(len);
-        Ok(v)
+        Ok((v, size))
     }
 
     /// Whether an object exists.

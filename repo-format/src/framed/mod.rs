@@ -413,8 +413,25 @@ struct Parsed {
 /// Checks the fixed part and decrypts the table of a framed object (or, when `deltas`, of a
 /// delta object) in place.
 fn parse(o: Opener<'_>, id: &[u8; 32], sealed: &mut [u8], name: &str) -> Result<Parsed> {
+    let size = sealed.len();
+    parse_sized(o, id, sealed, size, name)
+}
+
+/// [`parse`] of an object of `size` bytes of which `sealed` holds the first ones, at least its
+/// whole frame table (all of it, for [`parse`]): the frames' lengths are checked against
+/// `size`, the table is authenticated and decrypted in place.
+fn parse_sized(
+    o: Opener<'_>,
+    id: &[u8; 32],
+    sealed: &mut [u8],
+    size: usize,
+    name: &str,
+) -> Result<Parsed> {
     let (keys, frame_size, limit, deltas) = (o.keys, o.frame_size, o.limit, o.deltas);
     let corrupt = |why: &str| Error::corrupt(format!("object {name} is corrupt: {why}"));
+    if sealed.len() > size {
+        return Err(Error::invalid("an object's head longer than the object"));
+    }
     let Some(fixed) = sealed.first_chunk::<FIXED_LEN>().copied() else {
         return Err(corrupt("truncated header"));
     };
@@ -506,7 +523,7 @@ fn parse(o: Opener<'_>, id: &[u8; 32], sealed: &mut [u8], name: &str) -> Result<
         starts.push(pos);
         pos = pos
             .checked_add(sealed_len as usize)
-            .filter(|p| *p <= sealed.len())
+            .filter(|p| *p <= size)
             .ok_or_else(|| corrupt("truncated frames"))?;
         entries.push(FrameEntry {
             flags,
@@ -514,7 +531,7 @@ fn parse(o: Opener<'_>, id: &[u8; 32], sealed: &mut [u8], name: &str) -> Result<
             cv,
         });
     }
-    if pos != sealed.len() {
+    if pos != size {
         return Err(corrupt("trailing bytes after the last frame"));
     }
     Ok(Parsed {
@@ -646,14 +663,27 @@ pub(crate) fn open_into(
 pub(crate) fn parse_parent(
     o: Opener<'_>,
     id: &[u8; 32],
+    sealed: Vec<u8>,
+    name: &str,
+) -> Result<Option<FramedChunk>> {
+    let size = sealed.len();
+    parent_from(o, id, sealed, size, name)
+}
+
+/// A parent from the first bytes of its object of `size` bytes (all of them for
+/// [`parse_parent`]). Only the table is decrypted (in place); the frames stay sealed, to be
+/// copied as they are.
+fn parent_from(
+    o: Opener<'_>,
+    id: &[u8; 32],
     mut sealed: Vec<u8>,
+    size: usize,
     name: &str,
 ) -> Result<Option<FramedChunk>> {
     if !is_framed(&sealed) {
         return Ok(None);
     }
-    // Only the table is decrypted (in place); the frames stay sealed, to be copied as they are.
-    let p = parse(o, id, &mut sealed, name)?;
+    let p = parse_sized(o, id, &mut sealed, size, name)?;
     Ok(Some(FramedChunk {
         id: *id,
         frame_size: o.frame_size,
@@ -663,6 +693,37 @@ pub(crate) fn parse_parent(
         sealed,
         base_chunk: None,
     }))
+}
+
+/// How many bytes of a framed (version-2) object of at most `frames` frames hold its header and
+/// frame table: what [`parse_parent_head`] needs.
+pub(crate) fn head_len(encrypted: bool, frames: usize) -> usize {
+    let overhead = if encrypted {
+        magic::NONCE_LEN + magic::TAG_LEN
+    } else {
+        0
+    };
+    FIXED_LEN + frames * ENTRY_LEN + overhead
+}
+
+/// [`parse_parent`] from the head of the object only (`head`: its first bytes, at least the
+/// header and frame table; `size`: the whole object's length): a parent without its frames,
+/// enough for an update that becomes a delta object on it (every unchanged frame is then
+/// taken from it by reference). `Ok(None)` for an unframed object; a delta object is refused
+/// (an update copies its stored frames: read it whole).
+pub(crate) fn parse_parent_head(
+    o: Opener<'_>,
+    id: &[u8; 32],
+    head: Vec<u8>,
+    size: usize,
+    name: &str,
+) -> Result<Option<FramedChunk>> {
+    if is_framed(&head) && base_of(&head).is_some() {
+        return Err(Error::invalid(
+            "a delta object's head cannot be a parent by itself",
+        ));
+    }
+    parent_from(o, id, head, size, name)
 }
 
 /// What a frame update made (internal to [`crate::Repository::seal_chunk_update`]).
@@ -676,10 +737,17 @@ pub struct UpdatedChunk {
     pub all_zero: bool,
 }
 
-/// The sealed bytes of frame `i` of `c`.
-fn sealed_frame(c: &FramedChunk, i: usize) -> &[u8] {
+/// The sealed bytes of frame `i` of `c`; an error when `c` was read without its frames
+/// ([`parse_parent_head`]) and the frame is not empty.
+fn sealed_frame(c: &FramedChunk, i: usize) -> Result<&[u8]> {
+    let len = c.entries[i].sealed_len as usize;
+    if len == 0 {
+        return Ok(&[]);
+    }
     let s = c.starts[i];
-    &c.sealed[s..s + c.entries[i].sealed_len as usize]
+    c.sealed
+        .get(s..s + len)
+        .ok_or_else(|| Error::invalid("a frame of a parent read without its frames"))
 }
 
 /// The chunk `parent` with the frames in `changed` (frame number, new plaintext of
@@ -738,13 +806,13 @@ pub(crate) fn seal_update(
         let in_base = e.flags == magic::FRAME_FLAG_BASE;
         frames.push(match (whole, in_base, base_chunk) {
             // A frame of the base, copied from it.
-            (true, true, Some(b)) => Source::Reuse(b.entries[i], sealed_frame(b, i)),
+            (true, true, Some(b)) => Source::Reuse(b.entries[i], sealed_frame(b, i)?),
             (true, true, None) => return Err(Error::invalid("a base frame without its base")),
             (false, true, _) => Source::Base(e.cv),
             // A frame the base holds when the parent is the base.
             (false, false, _) if parent.base.is_none() && e.stored() => Source::Base(e.cv),
             // Zero frames, and frames stored in the parent itself.
-            _ => Source::Reuse(e, sealed_frame(parent, i)),
+            _ => Source::Reuse(e, sealed_frame(parent, i)?),
         });
     }
     let id = merge_root(keys, &cvs);

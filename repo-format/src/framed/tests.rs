@@ -472,3 +472,48 @@ proptest::proptest! {
         }
     }
 }
+
+/// A parent read from the head of its object only is checked as strictly as a whole one (table
+/// authenticated, frame lengths against the object's size), makes the same delta, and refuses
+/// (an error, not a panic) an update that would copy its frames.
+#[test]
+fn parent_from_the_head_only() {
+    let k = keys();
+    let d = data(16, 5);
+    let (id, sealed) = seal_fresh(Some(&k), &d);
+    let hl = head_len(true, 16);
+    let head = sealed[..hl].to_vec();
+    let parent = |h: Vec<u8>, size: usize| parse_parent_head(op(Some(&k)), &id, h, size, "x");
+    let p = parent(head.clone(), sealed.len()).unwrap().unwrap();
+    assert_eq!(p.frame_count(), 16);
+    for size in [sealed.len() - 1, sealed.len() + 1, hl - 1] {
+        assert!(parent(head.clone(), size).is_err(), "size {size}");
+    }
+    for i in [0, 5, 16, hl - 30, hl - 1] {
+        let mut bad = head.clone();
+        bad[i] ^= 1;
+        assert!(parent(bad, sealed.len()).is_err(), "byte {i}");
+    }
+    assert!(parent(sealed[..hl - 1].to_vec(), sealed.len()).is_err());
+
+    let new = vec![9u8; FS];
+    let full = parse_parent(op(Some(&k)), &id, sealed.clone(), "x")
+        .unwrap()
+        .unwrap();
+    let a = seal_update(Some(&k), &p, &[(2, &new)], 3, true).unwrap();
+    let b = seal_update(Some(&k), &full, &[(2, &new)], 3, true).unwrap();
+    assert_eq!(a.id, b.id);
+    let mut want = d.clone();
+    want[2 * FS..3 * FS].copy_from_slice(&new);
+    let store = std::collections::HashMap::from([(id, sealed.clone())]);
+    assert_eq!(open_with(Some(&k), &store, &a.id, &a.sealed).unwrap(), want);
+
+    let frames: Vec<Vec<u8>> = (0..9).map(|i| vec![i as u8 + 1; FS]).collect();
+    let changed: Vec<(usize, &[u8])> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (i, &f[..]))
+        .collect();
+    assert!(seal_update(Some(&k), &p, &changed, 3, true).is_err());
+    assert!(seal_update(Some(&k), &full, &changed, 3, true).is_ok());
+}

@@ -60,9 +60,12 @@ impl Repository {
     }
 
     /// Reads the sealed object of chunk `id` for [`Repository::seal_chunk_update`]: the frame
-    /// table is authenticated and decrypted, the frames stay sealed. When the object is a delta
-    /// object (FORMAT.md 1.6b) and an update changing the frames `touched` would rewrite it
-    /// whole, its base object is read too; otherwise the base is only checked to exist.
+    /// table is authenticated and decrypted, the frames stay sealed. In a repository with delta
+    /// objects, a framed object of which `touched` changes at most half the frames is read only
+    /// up to the end of its table (the update becomes a delta object on it and needs none of its
+    /// frames). When the object is a delta object (FORMAT.md 1.6b) and an update changing the
+    /// frames `touched` would rewrite it whole, its base object is read too; otherwise the base
+    /// is only checked to exist.
     /// `Ok(None)` when the chunk is stored unframed
     /// (version 1) or the repository has no frames.
     pub fn load_chunk_frames(
@@ -74,8 +77,33 @@ impl Repository {
             return Ok(None);
         }
         let key = chunk_key(id);
-        let bytes = self.get_object(&key, "chunk")?;
         let o = self.opener(&key)?;
+        let bytes = if self.deltas() {
+            // The update of a framed parent that changes at most half its frames is a delta
+            // object on it, which takes every unchanged frame by reference: the parent's header
+            // and frame table are all it needs, not its (up to chunk-sized) frames.
+            let head_len = crate::framed::head_len(o.keys.is_some(), o.limit / o.frame_size);
+            let (head, size) = self
+                .backend
+                .get_head(&key, head_len)
+                .map_err(|e| super::object_read_error(e, &key, "chunk"))?;
+            let size = usize::try_from(size).unwrap_or(usize::MAX);
+            let framed_v2 =
+                crate::framed::is_framed(&head) && crate::framed::base_of(&head).is_none();
+            if head.len() < size && framed_v2 {
+                let parent = crate::framed::parse_parent_head(o, id.as_bytes(), head, size, &key)?;
+                match parent {
+                    Some(p) if touched.len() <= p.frame_count() / 2 => return Ok(Some(p)),
+                    _ => self.get_object(&key, "chunk")?,
+                }
+            } else if head.len() == size {
+                head
+            } else {
+                self.get_object(&key, "chunk")?
+            }
+        } else {
+            self.get_object(&key, "chunk")?
+        };
         let Some(mut parent) = crate::framed::parse_parent(o, id.as_bytes(), bytes, &key)? else {
             return Ok(None);
         };

@@ -597,7 +597,7 @@ impl Repository {
             return Ok(None);
         }
         let key = chunk_key(id);
-        let head = self
+        let (head, _) = self
             .backend
             .get_head(&key, crate::framed::DELTA_HEAD_LEN)
             .map_err(|e| object_read_error(e, &key, "chunk"))?;
