@@ -78,7 +78,8 @@ impl Repository {
         }
         let key = chunk_key(id);
         let o = self.opener(&key)?;
-        let bytes = if self.deltas() {
+        let mut whole = None;
+        if self.deltas() {
             // The update of a framed parent that changes at most half its frames is a delta
             // object on it, which takes every unchanged frame by reference: the parent's header
             // and frame table are all it needs, not its (up to chunk-sized) frames.
@@ -88,21 +89,18 @@ impl Repository {
                 .get_head(&key, head_len)
                 .map_err(|e| super::object_read_error(e, &key, "chunk"))?;
             let size = usize::try_from(size).unwrap_or(usize::MAX);
-            let framed_v2 =
-                crate::framed::is_framed(&head) && crate::framed::base_of(&head).is_none();
-            if head.len() < size && framed_v2 {
+            if head.len() == size {
+                whole = Some(head);
+            } else if crate::framed::is_framed(&head) && crate::framed::base_of(&head).is_none() {
                 let parent = crate::framed::parse_parent_head(o, id.as_bytes(), head, size, &key)?;
-                match parent {
-                    Some(p) if touched.len() <= p.frame_count() / 2 => return Ok(Some(p)),
-                    _ => self.get_object(&key, "chunk")?,
+                if let Some(p) = parent.filter(|p| touched.len() <= p.frame_count() / 2) {
+                    return Ok(Some(p));
                 }
-            } else if head.len() == size {
-                head
-            } else {
-                self.get_object(&key, "chunk")?
             }
-        } else {
-            self.get_object(&key, "chunk")?
+        }
+        let bytes = match whole {
+            Some(b) => b,
+            None => self.get_object(&key, "chunk")?,
         };
         let Some(mut parent) = crate::framed::parse_parent(o, id.as_bytes(), bytes, &key)? else {
             return Ok(None);
