@@ -74,7 +74,7 @@ struct Args {
     /// zstd level of the benchmark repositories (`lifeboat repo init --zstd-level`); the CPU
     /// ceilings compress at the same level, and so does borg. Default: the repository
     /// default, 1.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = repo_format::DEFAULT_ZSTD_LEVEL)]
     zstd_level: i32,
 }
 

@@ -149,7 +149,7 @@ impl Report {
             loads: Vec::new(),
             chunk_label: "1 MiB".into(),
             frame_label: Some("64 KiB".into()),
-            zstd_level: 1,
+            zstd_level: repo_format::DEFAULT_ZSTD_LEVEL,
             live: None,
             results: BTreeMap::new(),
             cpu: None,
