@@ -86,6 +86,7 @@ fn repo(chunk_size: u64) -> Result<Repository> {
             zstd_level: repo_format::DEFAULT_ZSTD_LEVEL,
             // Unframed: this measures whole-chunk objects at each chunk size.
             frame_size: None,
+            cipher: repo_format::Cipher::XChaCha20Poly1305,
         },
     )?)
 }

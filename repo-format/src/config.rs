@@ -13,9 +13,69 @@ pub enum EncryptionScheme {
     /// XChaCha20-Poly1305 objects, keyed BLAKE3 ids, Argon2id / key-file key slots.
     #[serde(rename = "xchacha20poly1305-blake3")]
     XChaCha20Poly1305Blake3,
+    /// AEGIS-256 objects, otherwise as [`EncryptionScheme::XChaCha20Poly1305Blake3`].
+    #[serde(rename = "aegis256-blake3")]
+    Aegis256Blake3,
     /// No encryption; ids are plain BLAKE3.
     #[serde(rename = "none")]
     None,
+}
+
+impl EncryptionScheme {
+    /// The object cipher of an encrypted scheme; `None` for [`EncryptionScheme::None`].
+    pub fn cipher(self) -> Option<Cipher> {
+        match self {
+            EncryptionScheme::XChaCha20Poly1305Blake3 => Some(Cipher::XChaCha20Poly1305),
+            EncryptionScheme::Aegis256Blake3 => Some(Cipher::Aegis256),
+            EncryptionScheme::None => None,
+        }
+    }
+}
+
+/// The authenticated cipher of an encrypted repository's objects (key slots always use
+/// XChaCha20-Poly1305). Both take a random 192-bit nonce and give a 128-bit tag, so objects
+/// have the same layout with either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    /// XChaCha20-Poly1305: fast everywhere in software, about 1 GB/s per core on x86-64.
+    XChaCha20Poly1305,
+    /// AEGIS-256 (draft-irtf-cfrg-aegis-aead): several times faster where the CPU has AES
+    /// instructions (x86-64 AES-NI, ARMv8 crypto extensions), slow without them.
+    Aegis256,
+}
+
+impl Cipher {
+    /// AEGIS-256 where this CPU has AES instructions, else XChaCha20-Poly1305.
+    pub fn preferred() -> Cipher {
+        if cpu_has_aes() {
+            Cipher::Aegis256
+        } else {
+            Cipher::XChaCha20Poly1305
+        }
+    }
+
+    /// The config `encryption` scheme of a repository sealed with this cipher.
+    pub fn scheme(self) -> EncryptionScheme {
+        match self {
+            Cipher::XChaCha20Poly1305 => EncryptionScheme::XChaCha20Poly1305Blake3,
+            Cipher::Aegis256 => EncryptionScheme::Aegis256Blake3,
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_aes() -> bool {
+    std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("sse4.1")
+}
+
+#[cfg(target_arch = "aarch64")]
+fn cpu_has_aes() -> bool {
+    std::arch::is_aarch64_feature_detected!("aes")
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn cpu_has_aes() -> bool {
+    false
 }
 
 /// The decoded repository config.
@@ -103,7 +163,13 @@ impl Config {
             None => return Err(Error::corrupt("config has no valid version")),
         }
         if let Some(e) = obj.get("encryption").and_then(|e| e.as_str()) {
-            if e != magic::ENCRYPTION_NONE && e != magic::ENCRYPTION_XCHACHA_BLAKE3 {
+            if ![
+                magic::ENCRYPTION_NONE,
+                magic::ENCRYPTION_XCHACHA_BLAKE3,
+                magic::ENCRYPTION_AEGIS256_BLAKE3,
+            ]
+            .contains(&e)
+            {
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
                     format!("repository uses unsupported encryption {e:?}"),
@@ -136,7 +202,7 @@ impl Config {
                 ))
             }
         }
-        if config.encryption == EncryptionScheme::XChaCha20Poly1305Blake3 && config.mac.is_none() {
+        if config.encryption != EncryptionScheme::None && config.mac.is_none() {
             return Err(Error::corrupt(
                 "config of an encrypted repository has no mac",
             ));

@@ -6,10 +6,11 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Cipher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::magic;
 
@@ -229,13 +230,73 @@ pub(crate) struct KeySlot {
     pub label: String,
 }
 
+/// The AEAD that seals a repository's objects (config `encryption`): XChaCha20-Poly1305 or
+/// AEGIS-256, both with the stored 24-byte nonce and a 16-byte tag (FORMAT.md, "Encryption").
+#[derive(Clone)]
+pub(crate) enum ObjectCipher {
+    XChaCha20Poly1305(XChaCha20Poly1305),
+    /// The AEGIS-256 key.
+    Aegis256([u8; 32]),
+}
+
+/// AEGIS-256's 32-byte nonce: the stored 24 bytes, then 8 zero bytes.
+fn aegis_nonce(nonce: &[u8; magic::NONCE_LEN]) -> aegis::aegis256::Nonce {
+    let mut n = [0u8; 32];
+    n[..magic::NONCE_LEN].copy_from_slice(nonce);
+    n
+}
+
+impl ObjectCipher {
+    /// Encrypts `buf` in place; returns the tag. Fails only for a message too large for the
+    /// algorithm (XChaCha20: 256 GiB).
+    pub fn seal_in_place(
+        &self,
+        nonce: &[u8; magic::NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; magic::TAG_LEN]> {
+        match self {
+            ObjectCipher::XChaCha20Poly1305(c) => c
+                .encrypt_in_place_detached(XNonce::from_slice(nonce), aad, buf)
+                .map(Into::into)
+                .map_err(|_| Error::invalid("object too large to encrypt")),
+            ObjectCipher::Aegis256(key) => Ok(
+                aegis::aegis256::Aegis256::<{ magic::TAG_LEN }>::new(key, &aegis_nonce(nonce))
+                    .encrypt_in_place(buf, aad),
+            ),
+        }
+    }
+
+    /// Authenticates and decrypts `buf` in place; `false` when authentication fails (the
+    /// contents of `buf` are then unspecified).
+    #[must_use]
+    pub fn open_in_place(
+        &self,
+        nonce: &[u8; magic::NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; magic::TAG_LEN],
+    ) -> bool {
+        match self {
+            ObjectCipher::XChaCha20Poly1305(c) => c
+                .decrypt_in_place_detached(XNonce::from_slice(nonce), aad, buf, tag.into())
+                .is_ok(),
+            ObjectCipher::Aegis256(key) => {
+                aegis::aegis256::Aegis256::<{ magic::TAG_LEN }>::new(key, &aegis_nonce(nonce))
+                    .decrypt_in_place(buf, tag, aad)
+                    .is_ok()
+            }
+        }
+    }
+}
+
 /// The repository master key (32 random bytes) and the subkeys derived from it.
 #[derive(Clone)]
 pub(crate) struct Keys {
     master: [u8; 32],
     id_key: [u8; 32],
     mac_key: [u8; 32],
-    cipher: XChaCha20Poly1305,
+    cipher: ObjectCipher,
 }
 
 impl fmt::Debug for Keys {
@@ -251,14 +312,27 @@ impl Keys {
         Ok(Keys::from_master(master))
     }
 
+    /// The keys of `master` with the XChaCha20-Poly1305 object cipher (see [`Keys::for_cipher`]).
     pub fn from_master(master: [u8; 32]) -> Keys {
         let enc = blake3::derive_key(magic::CONTEXT_OBJECT_ENCRYPTION, &master);
         Keys {
             master,
             id_key: blake3::derive_key(magic::CONTEXT_CHUNK_ID, &master),
             mac_key: blake3::derive_key(magic::CONTEXT_CONFIG_MAC, &master),
-            cipher: XChaCha20Poly1305::new(&enc.into()),
+            cipher: ObjectCipher::XChaCha20Poly1305(XChaCha20Poly1305::new(&enc.into())),
         }
+    }
+
+    /// The same keys with the object cipher `cipher` (its key derived from the master key).
+    pub fn for_cipher(self, cipher: Cipher) -> Keys {
+        let cipher = match cipher {
+            Cipher::XChaCha20Poly1305 => return Keys::from_master(self.master),
+            Cipher::Aegis256 => ObjectCipher::Aegis256(blake3::derive_key(
+                magic::CONTEXT_OBJECT_ENCRYPTION_AEGIS256,
+                &self.master,
+            )),
+        };
+        Keys { cipher, ..self }
     }
 
     /// Keyed BLAKE3 with the id key.
@@ -275,7 +349,7 @@ impl Keys {
         blake3::keyed_hash(&self.mac_key, data)
     }
 
-    pub fn cipher(&self) -> &XChaCha20Poly1305 {
+    pub fn cipher(&self) -> &ObjectCipher {
         &self.cipher
     }
 
@@ -431,6 +505,67 @@ mod tests {
     use super::*;
 
     const CHEAP: KdfParams = KdfParams::new(8, 1, 1);
+
+    fn unhex<const N: usize>(s: &str) -> [u8; N] {
+        hex::decode(s).unwrap().try_into().unwrap()
+    }
+
+    /// AEGIS-256 test vector 1 of draft-irtf-cfrg-aegis-aead, whose 32-byte nonce ends in eight
+    /// zero bytes: it is also what our 24-byte stored nonce extends to.
+    #[test]
+    fn aegis256_matches_the_drafts_test_vector() {
+        let key = unhex::<32>("1001000000000000000000000000000000000000000000000000000000000000");
+        let nonce = unhex::<24>("100002000000000000000000000000000000000000000000");
+        let cipher = ObjectCipher::Aegis256(key);
+        let mut buf = [0u8; 16];
+        let tag = cipher.seal_in_place(&nonce, b"", &mut buf).unwrap();
+        assert_eq!(hex::encode(buf), "754fc3d8c973246dcc6d741412a4b236");
+        assert_eq!(hex::encode(tag), "3fe91994768b332ed7f570a19ec5896e");
+        assert!(cipher.open_in_place(&nonce, b"", &mut buf, &tag));
+        assert_eq!(buf, [0u8; 16]);
+        let mut bad = tag;
+        bad[15] ^= 1;
+        assert!(!cipher.open_in_place(&nonce, b"", &mut buf.clone(), &bad));
+    }
+
+    /// Each cipher opens what it sealed, refuses a changed byte of the ciphertext, tag, nonce or
+    /// associated data, and refuses what the other cipher sealed under the same master key.
+    #[test]
+    fn each_object_cipher_round_trips_and_authenticates() {
+        let master = [5u8; 32];
+        let keys = [Cipher::XChaCha20Poly1305, Cipher::Aegis256]
+            .map(|c| Keys::from_master(master).for_cipher(c));
+        let plain: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let nonce = [9u8; magic::NONCE_LEN];
+        for (n, k) in keys.iter().enumerate() {
+            let mut ct = plain.clone();
+            let tag = k.cipher().seal_in_place(&nonce, b"aad", &mut ct).unwrap();
+            assert_ne!(ct, plain);
+            let mut pt = ct.clone();
+            assert!(k.cipher().open_in_place(&nonce, b"aad", &mut pt, &tag));
+            assert_eq!(pt, plain);
+            let mut flipped = ct.clone();
+            flipped[500] ^= 0x10;
+            assert!(!k.cipher().open_in_place(&nonce, b"aad", &mut flipped, &tag));
+            let mut bad_tag = tag;
+            bad_tag[0] ^= 1;
+            assert!(!k
+                .cipher()
+                .open_in_place(&nonce, b"aad", &mut ct.clone(), &bad_tag));
+            let mut bad_nonce = nonce;
+            bad_nonce[23] ^= 1;
+            assert!(!k
+                .cipher()
+                .open_in_place(&bad_nonce, b"aad", &mut ct.clone(), &tag));
+            assert!(!k
+                .cipher()
+                .open_in_place(&nonce, b"aae", &mut ct.clone(), &tag));
+            let other = &keys[1 - n];
+            assert!(!other
+                .cipher()
+                .open_in_place(&nonce, b"aad", &mut ct.clone(), &tag));
+        }
+    }
 
     #[test]
     fn key_file_text_round_trip() {

@@ -68,7 +68,7 @@ mod repository;
 
 pub use backend::{Backend, FaultyBackend, LocalBackend, MemoryBackend};
 pub use boottest::{BootTestResult, CheckKind, CheckResult, Verdict};
-pub use config::{validate_chunk_size, validate_frame_size, Config, EncryptionScheme};
+pub use config::{validate_chunk_size, validate_frame_size, Cipher, Config, EncryptionScheme};
 pub use crypto::{KdfParams, KeyFile, KeySlotKind, Secret};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use framed::{FramedChunk, UpdatedChunk};

@@ -14,8 +14,10 @@ pub const CONFIG_VERSION_FRAMED: u32 = 2;
 /// Version of a framed repository whose chunk objects may also be delta objects (object
 /// version 3, frames referring to a base object). A build that reads only 1 and 2 refuses it.
 pub const CONFIG_VERSION_DELTA: u32 = 3;
-/// `encryption` value of an encrypted repository.
+/// `encryption` value of a repository encrypted with XChaCha20-Poly1305.
 pub const ENCRYPTION_XCHACHA_BLAKE3: &str = "xchacha20poly1305-blake3";
+/// `encryption` value of a repository encrypted with AEGIS-256.
+pub const ENCRYPTION_AEGIS256_BLAKE3: &str = "aegis256-blake3";
 /// `encryption` value of an unencrypted repository.
 pub const ENCRYPTION_NONE: &str = "none";
 /// `compression` value (the only one defined).
@@ -56,9 +58,10 @@ pub const FRAME_FLAG_ZERO: u8 = 0b0000_0010;
 pub const FRAME_FLAG_BASE: u8 = 0b0000_0100;
 /// First bytes of a frame's AAD ("LifeBoat FRame").
 pub const FRAME_AAD_MAGIC: [u8; 4] = *b"LBFR";
-/// XChaCha20 nonce length.
+/// Stored nonce length: XChaCha20's nonce; AEGIS-256 takes these 24 bytes followed by 8 zero
+/// bytes as its 32-byte nonce.
 pub const NONCE_LEN: usize = 24;
-/// Poly1305 tag length.
+/// Authentication tag length (Poly1305, or AEGIS-256 with its 128-bit tag).
 pub const TAG_LEN: usize = 16;
 
 /// Magic bytes of the disk index plaintext ("LifeBoat IndeX").
@@ -75,8 +78,10 @@ pub const MANIFEST_VERSION: u32 = 1;
 
 /// `blake3::derive_key` context for the chunk/object id key.
 pub const CONTEXT_CHUNK_ID: &str = "lifeboat v1 chunk id";
-/// `blake3::derive_key` context for the object encryption key.
+/// `blake3::derive_key` context for the object encryption key (XChaCha20-Poly1305).
 pub const CONTEXT_OBJECT_ENCRYPTION: &str = "lifeboat v1 object encryption";
+/// `blake3::derive_key` context for the object encryption key of AEGIS-256 repositories.
+pub const CONTEXT_OBJECT_ENCRYPTION_AEGIS256: &str = "lifeboat v1 object encryption aegis256";
 /// `blake3::derive_key` context for the config MAC key.
 pub const CONTEXT_CONFIG_MAC: &str = "lifeboat v1 config mac";
 /// `blake3::derive_key` context turning a key file's secret into a key-encryption key.

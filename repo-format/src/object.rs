@@ -5,9 +5,6 @@
 use std::cell::RefCell;
 use std::io::Read as _;
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{Tag, XNonce};
-
 use crate::crypto::{random_bytes, Keys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::magic;
@@ -103,8 +100,7 @@ pub(crate) fn seal(
             .ok_or_else(|| Error::invalid("object buffer too short"))?;
         let tag = k
             .cipher()
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(&header, id), payload)
-            .map_err(|_| Error::invalid("object too large to encrypt"))?;
+            .seal_in_place(&nonce, &aad(&header, id), payload)?;
         out.extend_from_slice(&tag);
     }
     Ok(out)
@@ -176,14 +172,10 @@ fn unseal_in_place(
     };
     let (rest, tag) = sealed.split_at_mut(end);
     let ct = rest.get_mut(start..).ok_or_else(auth_failed)?;
-    k.cipher()
-        .decrypt_in_place_detached(
-            XNonce::from_slice(&nonce),
-            &aad(&header, id),
-            ct,
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| auth_failed())?;
+    let tag: &[u8; magic::TAG_LEN] = (&*tag).try_into().map_err(|_| auth_failed())?;
+    if !k.cipher().open_in_place(&nonce, &aad(&header, id), ct, tag) {
+        return Err(auth_failed());
+    }
     Ok((start..end, compressed))
 }
 

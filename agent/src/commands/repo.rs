@@ -2,11 +2,11 @@
 
 use std::io::Write;
 
-use repo_format::{Encryption, InitOptions, KdfParams, KeyFile, Repository, Secret};
+use repo_format::{Cipher, Encryption, InitOptions, KdfParams, KeyFile, Repository, Secret};
 use serde_json::json;
 
 use super::emit;
-use crate::cli::{AddKeyArgs, EncryptionArg, GenerateKeyFileArgs, GlobalOpts, InitArgs};
+use crate::cli::{AddKeyArgs, CipherArg, EncryptionArg, GenerateKeyFileArgs, GlobalOpts, InitArgs};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 use crate::repo::{self, blocking};
 
@@ -56,6 +56,11 @@ pub async fn init(global: &GlobalOpts, args: InitArgs) -> Result<()> {
                 chunk_size,
                 zstd_level: args.zstd_level,
                 frame_size,
+                cipher: match args.cipher {
+                    CipherArg::Auto => Cipher::preferred(),
+                    CipherArg::Aegis256 => Cipher::Aegis256,
+                    CipherArg::Xchacha20poly1305 => Cipher::XChaCha20Poly1305,
+                },
             },
         )
         .map_err(|e| repo_err(e, format!("cannot create a repository at '{loc2}'")))
@@ -66,13 +71,14 @@ pub async fn init(global: &GlobalOpts, args: InitArgs) -> Result<()> {
         global,
         &json!({ "repository": loc, "id": id, "chunk_size": chunk_size,
                  "frame_size": repo.frame_size(), "encrypted": repo.is_encrypted(),
+                 "encryption": repo.config().encryption,
                  "format_version": repo.config().version }),
         &format!(
             "created {} repository {id} at {loc} (format version {}, chunk size {}{})",
-            if repo.is_encrypted() {
-                "encrypted"
-            } else {
-                "UNENCRYPTED"
+            match repo.config().encryption.cipher() {
+                Some(Cipher::Aegis256) => "encrypted (AEGIS-256)",
+                Some(Cipher::XChaCha20Poly1305) => "encrypted (XChaCha20-Poly1305)",
+                None => "UNENCRYPTED",
             },
             repo.config().version,
             super::human_bytes(u64::from(chunk_size)),

@@ -19,8 +19,6 @@
 use blake3::hazmat::{
     merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
 };
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{Tag, XNonce};
 
 use crate::crypto::{random_bytes, Keys};
 use crate::error::{Error, Result};
@@ -318,14 +316,11 @@ fn assemble(
                         let mut nonce = [0u8; magic::NONCE_LEN];
                         random_bytes(&mut nonce)?;
                         out[start..body].copy_from_slice(&nonce);
-                        let tag = k
-                            .cipher()
-                            .encrypt_in_place_detached(
-                                XNonce::from_slice(&nonce),
-                                &frame_aad(fs32, flags, cv),
-                                &mut out[body..],
-                            )
-                            .map_err(|_| too_large())?;
+                        let tag = k.cipher().seal_in_place(
+                            &nonce,
+                            &frame_aad(fs32, flags, cv),
+                            &mut out[body..],
+                        )?;
                         out.extend_from_slice(&tag);
                     }
                 }
@@ -352,11 +347,11 @@ fn assemble(
         table.extend_from_slice(&e.cv);
     }
     if let Some(k) = keys {
-        let nonce = XNonce::clone_from_slice(&table[..magic::NONCE_LEN]);
+        let mut nonce = [0u8; magic::NONCE_LEN];
+        nonce.copy_from_slice(&table[..magic::NONCE_LEN]);
         let tag = k
             .cipher()
-            .encrypt_in_place_detached(&nonce, &table_aad(&fixed, id), &mut table[body..])
-            .map_err(|_| too_large())?;
+            .seal_in_place(&nonce, &table_aad(&fixed, id), &mut table[body..])?;
         table.extend_from_slice(&tag);
     }
     out[table_start..table_start + table_len].copy_from_slice(&table);
@@ -485,17 +480,15 @@ fn parse_sized(
     }
     let auth_failed = || corrupt("authentication failed (tampered, truncated or misnamed)");
     let plain_start = if let Some(k) = keys {
-        let nonce = XNonce::clone_from_slice(&sealed[fixed_len..fixed_len + magic::NONCE_LEN]);
         let aad = table_aad(&sealed[..fixed_len], id);
         let (head, tag) = sealed[..table_end].split_at_mut(table_end - magic::TAG_LEN);
-        k.cipher()
-            .decrypt_in_place_detached(
-                &nonce,
-                &aad,
-                &mut head[fixed_len + magic::NONCE_LEN..],
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| auth_failed())?;
+        let (_, rest) = head.split_at_mut(fixed_len);
+        let (nonce, table) = rest.split_at_mut(magic::NONCE_LEN);
+        let nonce: &[u8; magic::NONCE_LEN] = (&*nonce).try_into().map_err(|_| auth_failed())?;
+        let tag: &[u8; magic::TAG_LEN] = (&*tag).try_into().map_err(|_| auth_failed())?;
+        if !k.cipher().open_in_place(nonce, &aad, table, tag) {
+            return Err(auth_failed());
+        }
         fixed_len + magic::NONCE_LEN
     } else {
         fixed_len
@@ -556,17 +549,16 @@ fn open_frame(
         return Ok(());
     }
     let payload: &[u8] = if let Some(k) = keys {
-        let nonce = XNonce::clone_from_slice(&sealed[..magic::NONCE_LEN]);
+        let auth_failed = || corrupt("frame authentication failed (tampered or moved)");
         let end = sealed.len() - magic::TAG_LEN;
         let (head, tag) = sealed.split_at_mut(end);
-        k.cipher()
-            .decrypt_in_place_detached(
-                &nonce,
-                &frame_aad(frame_size as u32, entry.flags, &entry.cv),
-                &mut head[magic::NONCE_LEN..],
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| corrupt("frame authentication failed (tampered or moved)"))?;
+        let (nonce, ct) = head.split_at_mut(magic::NONCE_LEN);
+        let nonce: &[u8; magic::NONCE_LEN] = (&*nonce).try_into().map_err(|_| auth_failed())?;
+        let tag: &[u8; magic::TAG_LEN] = (&*tag).try_into().map_err(|_| auth_failed())?;
+        let aad = frame_aad(frame_size as u32, entry.flags, &entry.cv);
+        if !k.cipher().open_in_place(nonce, &aad, ct, tag) {
+            return Err(auth_failed());
+        }
         &sealed[magic::NONCE_LEN..end]
     } else {
         sealed

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::config::{validate_chunk_size, Config, EncryptionScheme};
+use crate::config::{validate_chunk_size, Cipher, Config, EncryptionScheme};
 use crate::crypto::{random_bytes, KdfParams, KeySlot, KeySlotKind, Keys, Secret};
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::{ChunkId, IndexId, KeySlotId, SnapshotId};
@@ -54,6 +54,8 @@ pub struct InitOptions {
     /// Frame size of chunk objects (`None`: unframed, a version-1 repository). A frame size
     /// not smaller than the chunk size means unframed too.
     pub frame_size: Option<u32>,
+    /// The object cipher of an encrypted repository (ignored with [`Encryption::None`]).
+    pub cipher: Cipher,
 }
 
 impl InitOptions {
@@ -64,6 +66,7 @@ impl InitOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             frame_size: Some(DEFAULT_FRAME_SIZE),
+            cipher: Cipher::preferred(),
         }
     }
 }
@@ -177,8 +180,8 @@ impl Repository {
         random_bytes(&mut rid)?;
         let (keys, scheme) = match &opts.encryption {
             Encryption::Encrypted { .. } => (
-                Some(Keys::generate()?),
-                EncryptionScheme::XChaCha20Poly1305Blake3,
+                Some(Keys::generate()?.for_cipher(opts.cipher)),
+                opts.cipher.scheme(),
             ),
             Encryption::None => (None, EncryptionScheme::None),
         };
@@ -243,9 +246,9 @@ impl Repository {
             Err(e) => return Err(e.wrap("cannot read the repository config")),
         };
         let (config, canonical) = Config::parse(&bytes)?;
-        let keys = match config.encryption {
-            EncryptionScheme::None => None,
-            EncryptionScheme::XChaCha20Poly1305Blake3 => {
+        let keys = match config.encryption.cipher() {
+            None => None,
+            Some(cipher) => {
                 let Some(secret) = secret else {
                     return Err(Error::new(
                         ErrorKind::WrongKey,
@@ -263,7 +266,7 @@ impl Repository {
                 let keys = Self::unlock(backend.as_ref(), secret, |k| {
                     expected.is_some_and(|m| k.mac(&canonical) == m)
                 })?;
-                Some(keys)
+                Some(keys.for_cipher(cipher))
             }
         };
         Ok(Repository {
