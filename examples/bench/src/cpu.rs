@@ -1,6 +1,6 @@
 //! In-process CPU ceilings, measured on the benchmark image's own non-zero chunks with the same
 //! primitives (and crate versions) as the repository format: keyed BLAKE3, zstd at the
-//! repository's level, XChaCha20-Poly1305.
+//! repository's level, the repository's cipher (AEGIS-256 or XChaCha20-Poly1305).
 
 use std::fs::File;
 use std::io::Read as _;
@@ -9,8 +9,63 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use repo_format::Cipher;
+
+/// The repository's object cipher, called as the repository calls it (24-byte nonce,
+/// AEGIS-256's extended with zeros; 16-byte tag appended).
+enum Aead {
+    XChaCha(XChaCha20Poly1305),
+    Aegis256([u8; 32]),
+}
+
+impl Aead {
+    fn new(cipher: Cipher, key: &[u8; 32]) -> Aead {
+        match cipher {
+            Cipher::XChaCha20Poly1305 => Aead::XChaCha(XChaCha20Poly1305::new(key.into())),
+            Cipher::Aegis256 => Aead::Aegis256(*key),
+        }
+    }
+
+    fn aegis(key: &[u8; 32], nonce: &[u8; 24]) -> aegis::aegis256::Aegis256<16> {
+        let mut n = [0u8; 32];
+        n[..24].copy_from_slice(nonce);
+        aegis::aegis256::Aegis256::<16>::new(key, &n)
+    }
+
+    /// Encrypts `buf` in place and appends the tag.
+    fn encrypt(&self, nonce: &[u8; 24], aad: &[u8], buf: &mut Vec<u8>) {
+        match self {
+            Aead::XChaCha(c) => {
+                let _ = c.encrypt_in_place(XNonce::from_slice(nonce), aad, buf);
+            }
+            Aead::Aegis256(k) => {
+                let tag = Self::aegis(k, nonce).encrypt_in_place(buf, aad);
+                buf.extend_from_slice(&tag);
+            }
+        }
+    }
+
+    /// Checks the appended tag and decrypts in place (dropping the tag); false on failure.
+    fn decrypt(&self, nonce: &[u8; 24], aad: &[u8], buf: &mut Vec<u8>) -> bool {
+        match self {
+            Aead::XChaCha(c) => c
+                .decrypt_in_place(XNonce::from_slice(nonce), aad, buf)
+                .is_ok(),
+            Aead::Aegis256(k) => {
+                let Some(at) = buf.len().checked_sub(16) else {
+                    return false;
+                };
+                let tag: [u8; 16] = buf[at..].try_into().unwrap_or_default();
+                buf.truncate(at);
+                Self::aegis(k, nonce)
+                    .decrypt_in_place(buf, &tag, aad)
+                    .is_ok()
+            }
+        }
+    }
+}
 
 /// Non-zero chunks sampled evenly from a raw image.
 pub struct Sample {
@@ -129,7 +184,7 @@ pub struct Ceilings {
     pub blake3_n: f64,
     /// zstd compression at the repository level, one core.
     pub zstd_1: f64,
-    /// XChaCha20-Poly1305 encryption, one core.
+    /// Encryption with the repository's cipher, one core.
     pub aead_1: f64,
     /// hash + compress (kept when smaller) + encrypt, all cores: the backup CPU ceiling.
     pub seal_n: f64,
@@ -155,7 +210,7 @@ struct Sealed {
 fn seal_into(
     w: &mut Worker,
     key: &[u8; 32],
-    cipher: &XChaCha20Poly1305,
+    cipher: &Aead,
     plain: &[u8],
 ) -> ([u8; 32], [u8; 24], bool) {
     let id = blake3::keyed_hash(key, plain);
@@ -172,11 +227,11 @@ fn seal_into(
     }
     let mut nonce = [0u8; 24];
     getrandom::fill(&mut nonce).unwrap_or_default();
-    let _ = cipher.encrypt_in_place(XNonce::from_slice(&nonce), id.as_bytes(), &mut w.buf);
+    cipher.encrypt(&nonce, id.as_bytes(), &mut w.buf);
     (*id.as_bytes(), nonce, compressed)
 }
 
-fn seal(key: &[u8; 32], cipher: &XChaCha20Poly1305, level: i32, plain: &[u8]) -> Sealed {
+fn seal(key: &[u8; 32], cipher: &Aead, level: i32, plain: &[u8]) -> Sealed {
     let mut w = Worker::new(level);
     let (id, nonce, compressed) = seal_into(&mut w, key, cipher, plain);
     Sealed {
@@ -188,9 +243,9 @@ fn seal(key: &[u8; 32], cipher: &XChaCha20Poly1305, level: i32, plain: &[u8]) ->
 }
 
 /// Measures every ceiling once on `sample` (call repeatedly and keep the best).
-pub fn measure(sample: &Sample, level: i32, threads: usize) -> Ceilings {
+pub fn measure(sample: &Sample, level: i32, threads: usize, cipher: Cipher) -> Ceilings {
     let key = [7u8; 32];
-    let cipher = XChaCha20Poly1305::new((&key).into());
+    let cipher = Aead::new(cipher, &key);
     let bytes = sample.bytes() as f64;
     let rate = |secs: f64| bytes / secs.max(1e-9) / 1e6;
     let ch = &sample.chunks;
@@ -204,13 +259,13 @@ pub fn measure(sample: &Sample, level: i32, threads: usize) -> Ceilings {
     let zstd_1 = rate(par(ch, 1, |c| {
         std::hint::black_box(zstd::bulk::compress(c, level).ok());
     }));
-    let aead_1 = rate(par(ch, 1, |c| {
-        let nonce = [1u8; 24];
-        std::hint::black_box(
-            cipher
-                .encrypt(XNonce::from_slice(&nonce), c.as_slice())
-                .ok(),
-        );
+    let aead_1 = rate(par_with(ch, 1, Vec::new, |buf: &mut Vec<u8>, c| {
+        // Same length as the piece (the cipher's speed does not depend on the bytes):
+        // no copy of the plaintext in the measured loop.
+        buf.truncate(c.len());
+        buf.resize(c.len(), 0xa5);
+        cipher.encrypt(&[1u8; 24], b"", buf);
+        std::hint::black_box(&buf);
     }));
     let cpu0 = crate::proc::self_cpu_secs();
     let seal_n = rate(par_with(
@@ -237,7 +292,9 @@ pub fn measure(sample: &Sample, level: i32, threads: usize) -> Ceilings {
             // Decrypt in place in a reused buffer, decompress into another reused buffer.
             w.buf.clear();
             w.buf.extend_from_slice(&s.ct);
-            let _ = cipher.decrypt_in_place(XNonce::from_slice(&s.nonce), &s.id, &mut w.buf);
+            if !cipher.decrypt(&s.nonce, &s.id, &mut w.buf) {
+                bad.fetch_add(1, Ordering::Relaxed);
+            }
             let plain: &[u8] = if s.compressed {
                 w.plain.clear();
                 w.plain.reserve(*len);

@@ -76,6 +76,37 @@ struct Args {
     /// default, 1.
     #[arg(long, default_value_t = repo_format::DEFAULT_ZSTD_LEVEL)]
     zstd_level: i32,
+    /// Object cipher of the benchmark repositories (`lifeboat repo init --cipher`); the CPU
+    /// ceilings encrypt with the same cipher. Default: `lifeboat repo init`'s default, auto
+    /// (AEGIS-256 where the CPU has AES instructions, else XChaCha20-Poly1305).
+    #[arg(long, value_enum, default_value = "auto")]
+    cipher: CipherArg,
+}
+
+/// `--cipher` values (as `lifeboat repo init --cipher`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CipherArg {
+    Auto,
+    Aegis256,
+    Xchacha20poly1305,
+}
+
+impl CipherArg {
+    fn resolve(self) -> repo_format::Cipher {
+        match self {
+            CipherArg::Auto => repo_format::Cipher::preferred(),
+            CipherArg::Aegis256 => repo_format::Cipher::Aegis256,
+            CipherArg::Xchacha20poly1305 => repo_format::Cipher::XChaCha20Poly1305,
+        }
+    }
+}
+
+/// The `lifeboat repo init --cipher` value of `c`, and its name in the report.
+fn cipher_names(c: repo_format::Cipher) -> (&'static str, &'static str) {
+    match c {
+        repo_format::Cipher::Aegis256 => ("aegis256", "AEGIS-256"),
+        repo_format::Cipher::XChaCha20Poly1305 => ("xchacha20poly1305", "XChaCha20-Poly1305"),
+    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -137,6 +168,10 @@ struct Ctx {
     zstd_level: String,
     /// `--frame-size` for `lifeboat repo init`.
     frame_size: String,
+    /// `--cipher` for `lifeboat repo init`.
+    cipher: &'static str,
+    /// The same, for the CPU ceilings.
+    cipher_kind: repo_format::Cipher,
     /// Where [`Ctx::discard`] moves trees to; removed with the run directory at the end.
     trash: PathBuf,
 }
@@ -179,6 +214,8 @@ impl Ctx {
                 &self.frame_size,
                 "--zstd-level",
                 &self.zstd_level,
+                "--cipher",
+                self.cipher,
             ],
         )
         .map(|_| ())
@@ -386,6 +423,7 @@ fn main() -> Result<()> {
         })?;
     // Frames apply only when smaller than the chunk (as `lifeboat repo init` decides).
     let frame_bytes = Some(frame_bytes).filter(|f| *f > 0 && *f < chunk_bytes);
+    let cipher = args.cipher.resolve();
     let ctx = Ctx {
         lifeboat: lifeboat.to_string_lossy().into_owned(),
         key: key.to_string_lossy().into_owned(),
@@ -394,6 +432,8 @@ fn main() -> Result<()> {
         chunk_size: args.chunk_size.clone(),
         frame_size: args.frame_size.clone(),
         zstd_level: args.zstd_level.to_string(),
+        cipher: cipher_names(cipher).0,
+        cipher_kind: cipher,
         trash: run_dir.join("trash"),
     };
 
@@ -407,6 +447,7 @@ fn main() -> Result<()> {
 
     let mut rep = Report::new(size, rounds, threads, sample.bytes());
     rep.zstd_level = zstd_level;
+    rep.cipher = cipher_names(cipher).1;
     rep.chunk_label = size_label(chunk_bytes as u64);
     rep.frame_label = frame_bytes.map(|f| size_label(f as u64));
     rep.loads.push(format!("start: {}", proc::loadavg()));
@@ -414,7 +455,7 @@ fn main() -> Result<()> {
     let have_borg = args.peers && proc::have("borg");
 
     if args.only_live {
-        let c = cpu::measure(&sample, zstd_level, threads);
+        let c = cpu::measure(&sample, zstd_level, threads, cipher);
         rep.add_cpu(c);
         rep.note(
             "offline rounds, 1 TiB sparse, 4 disks in parallel",
@@ -673,7 +714,7 @@ fn one_round(
 
     // CPU ceilings, in the same round.
     let start = Instant::now();
-    let c = cpu::measure(sample, zstd_level, threads);
+    let c = cpu::measure(sample, zstd_level, threads, ctx.cipher_kind);
     eprintln!("  cpu ceilings in {:.1} s", start.elapsed().as_secs_f64());
     rep.add_cpu(c);
     ctx.discard(&repo);

@@ -94,6 +94,8 @@ pub struct Report {
     pub frame_label: Option<String>,
     /// zstd level of the repositories, the CPU ceilings and borg.
     pub zstd_level: i32,
+    /// The repositories' object cipher (its name).
+    pub cipher: &'static str,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
     cpu: Option<Ceilings>,
@@ -150,6 +152,7 @@ impl Report {
             chunk_label: "1 MiB".into(),
             frame_label: Some("64 KiB".into()),
             zstd_level: repo_format::DEFAULT_ZSTD_LEVEL,
+            cipher: "XChaCha20-Poly1305",
             live: None,
             results: BTreeMap::new(),
             cpu: None,
@@ -263,10 +266,11 @@ impl Report {
         let _ = writeln!(
             s,
             "- Best of {} interleaved round(s); image in the page cache for every reader; repository \
-             encrypted (key file), {} chunks{}, zstd level {}. Durability: Lifeboat fsyncs what it \
+             encrypted with {} (key file), {} chunks{}, zstd level {}. Durability: Lifeboat fsyncs what it \
              writes (objects, restored image); `qemu-img convert` is followed by `sync FILE`; \
              nbdcopy writes nothing. MB/s = 10^6 bytes/s.",
             self.rounds,
+            self.cipher,
             self.chunk_label,
             match &self.frame_label {
                 Some(f) => format!(" sealed in {f} frames"),
@@ -303,11 +307,7 @@ impl Report {
                 c.compress_ratio * 100.0,
                 c.zstd_1
             );
-            let _ = writeln!(
-                s,
-                "| XChaCha20-Poly1305 encrypt, 1 core | {:.0} |",
-                c.aead_1
-            );
+            let _ = writeln!(s, "| {} encrypt, 1 core | {:.0} |", self.cipher, c.aead_1);
             let _ = writeln!(
                 s,
                 "| hash + compress + encrypt, all cores (backup CPU ceiling) | {:.0} |",
