@@ -7,7 +7,7 @@
 //!
 //! This is the only place in Lifeboat that may use `unsafe` freely (`#![allow(unsafe_code)]` below
 //! covers this module and its children; the crate denies it everywhere else, except for the
-//! one `mallopt` call at the start of `main` and the one `sync_file_range` call in
+//! `mallopt` calls (one block) at the start of `main` and the one `sync_file_range` call in
 //! `pipeline/writeback.rs`). Every block
 //! carries a `// SAFETY:` comment. Every function takes a live `virt` handle
 //! (`virt::domain::Domain` / `virt::connect::Connect`, which own a reference to their C
