@@ -21,6 +21,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::libvirt::{BackupDisk, BackupSpec, CheckpointSpec};
 use crate::repo::{self, blocking};
 use crate::vm::checkpoints::{self, RunDirs};
+use crate::vm::guard::EarlyGuard;
 use crate::vm::host::LibvirtHost;
 use crate::vm::job::{self, JobOptions, QuiescePolicy, StepTimes};
 use crate::vm::transfer::{Source, VmTransfer};
@@ -95,6 +96,16 @@ pub async fn backup_vm(
     )
     .await?;
     t = steps.mark("libvirt: domain, disks, checkpoints", t);
+    let freeze_limit = Duration::from_secs(args.freeze_limit.max(1));
+    // A running domain that may be frozen: its thaw guard starts now, while the disks are
+    // inspected and the guest agent is pinged; it is armed only right before the freeze, and
+    // exits untouched if the run does not freeze (no agent, or an error before).
+    let early_guard = match (prep.active, args.quiesce) {
+        (true, QuiesceArg::Auto | QuiesceArg::Required) => {
+            EarlyGuard::start(&args.connect, name, freeze_limit)
+        }
+        _ => EarlyGuard::none(),
+    };
     for n in &prep.notes {
         tracing::warn!(domain = name, "{n}");
     }
@@ -196,7 +207,8 @@ pub async fn backup_vm(
         let host = Arc::new(LibvirtHost::new(
             prep.dom,
             &args.connect,
-            Duration::from_secs(args.freeze_limit.max(1)),
+            freeze_limit,
+            early_guard,
         ));
         let r = job::run(host, &opts, spec, &mut transfer).await?;
         steps.0.extend(r.steps.0);

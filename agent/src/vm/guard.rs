@@ -1,12 +1,17 @@
 //! The thaw guard: a process outside the agent that thaws the guest if the agent dies (even by
 //! `kill -9`) while the guest is frozen, or when the freeze lasts longer than a hard limit.
 //!
-//! Before freezing, the agent starts `lifeboat __thaw-guard --connect URI --domain NAME
-//! --timeout S` in its own process group (so a terminal's Ctrl-C does not reach it) with a pipe
-//! on its stdin. The guard connects to libvirt, prints `ready`, then waits:
-//! - the line `released` (sent by the agent after its own thaw) → exit 0, nothing done;
-//! - EOF on stdin without `released` (the agent died: the kernel closed the pipe) → thaw;
-//! - no word for `timeout` seconds (freeze exceeded the hard limit) → thaw.
+//! The agent starts `lifeboat __thaw-guard --connect URI --domain NAME --timeout S` in its own
+//! process group (so a terminal's Ctrl-C does not reach it) with a pipe on its stdin, early in a
+//! backup run ([`EarlyGuard`]: the guard's start and libvirt connection overlap the agent's own
+//! libvirt lookups). The guard connects to libvirt, prints `ready`, then waits, *unarmed*:
+//! - the line `armed` (sent by the agent right before it freezes) → armed: the freeze limit
+//!   starts now;
+//! - the line `released` → exit 0, nothing done (armed or not);
+//! - EOF on stdin without `released` (the agent died: the kernel closed the pipe) → thaw if
+//!   armed; unarmed, exit without touching the guest (the agent never froze it, and a thaw could
+//!   end somebody else's freeze);
+//! - armed, no word for `timeout` seconds (the freeze exceeded the hard limit) → thaw.
 //!
 //! After a thaw of its own the guard prints `thawed: <why>`; [`ThawGuard::release`] returns that
 //! line so the run can report that the freeze limit fired.
@@ -37,7 +42,8 @@ pub struct ThawGuard {
 }
 
 impl ThawGuard {
-    /// Start the guard for `domain` and wait until it is connected to libvirt.
+    /// Start the guard for `domain` and wait until it is connected to libvirt (unarmed: see
+    /// [`ThawGuard::arm`]).
     pub fn spawn(uri: &str, domain: &str, limit: Duration) -> Result<ThawGuard> {
         let exe = std::env::current_exe().ctx(ErrorKind::Other, || {
             "cannot find the lifeboat binary".into()
@@ -97,6 +103,24 @@ impl ThawGuard {
         self.child.id()
     }
 
+    /// The guest is about to be frozen: from now on the guard thaws it if the agent dies, and
+    /// when the freeze lasts longer than the limit.
+    pub fn arm(&mut self) -> Result<()> {
+        let alive = matches!(self.child.try_wait(), Ok(None));
+        let sent = self
+            .stdin
+            .as_mut()
+            .is_some_and(|s| s.write_all(b"armed\n").and_then(|()| s.flush()).is_ok());
+        if alive && sent {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Source,
+                "the thaw guard is gone before the freeze; not freezing",
+            ))
+        }
+    }
+
     /// The guest is thawed: tell the guard to exit without acting. Returns the guard's report
     /// (`thawed: <why>`) when it had already thawed the guest on its own (freeze limit).
     pub fn release(mut self) -> Option<String> {
@@ -139,6 +163,46 @@ impl Drop for ThawGuard {
     }
 }
 
+/// A guard being started in the background, early in a run, so that its start overlaps the
+/// run's libvirt lookups; [`EarlyGuard::take`] waits for it. Dropped unused (the run did not
+/// freeze), its guard exits without acting.
+pub struct EarlyGuard(Option<std::thread::JoinHandle<Result<ThawGuard>>>);
+
+impl EarlyGuard {
+    /// Starts the guard for `domain` on a background thread.
+    pub fn start(uri: &str, domain: &str, limit: Duration) -> EarlyGuard {
+        let (uri, domain) = (uri.to_string(), domain.to_string());
+        let h = std::thread::Builder::new()
+            .name("lifeboat-guard-start".into())
+            .spawn(move || ThawGuard::spawn(&uri, &domain, limit));
+        EarlyGuard(h.ok())
+    }
+
+    /// A placeholder that starts nothing (no freeze is planned).
+    pub fn none() -> EarlyGuard {
+        EarlyGuard(None)
+    }
+
+    /// The started guard (blocks until it is ready), or why it did not start; `None` when
+    /// nothing was started or it was already taken.
+    pub fn take(&mut self) -> Option<Result<ThawGuard>> {
+        let h = self.0.take()?;
+        Some(h.join().unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Other,
+                "the thread starting the thaw guard panicked",
+            ))
+        }))
+    }
+}
+
+impl Drop for EarlyGuard {
+    fn drop(&mut self) {
+        // Unarmed: closing its pipe (dropping it) makes the guard exit without acting.
+        drop(self.take());
+    }
+}
+
 /// The guard process itself (`lifeboat __thaw-guard`). Blocks.
 pub fn run(uri: &str, domain: &str, limit: Duration) -> Result<()> {
     let hv = Hypervisor::connect(uri).ctx(ErrorKind::Source, || "thaw guard: connect".into())?;
@@ -165,8 +229,19 @@ pub fn run(uri: &str, domain: &str, limit: Duration) -> Result<()> {
     });
     println!("ready");
     let _ = std::io::stdout().flush();
+    // Unarmed: the agent has not frozen anything yet.
+    loop {
+        match rx.recv() {
+            Ok(Some(l)) if l.trim() == "armed" => break,
+            Ok(Some(l)) if l.trim() == "released" => return Ok(()),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return Ok(()),
+        }
+    }
+    let deadline = std::time::Instant::now() + limit;
     let why = loop {
-        match rx.recv_timeout(limit) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
             Ok(Some(l)) if l.trim() == "released" => return Ok(()),
             Ok(Some(_)) => continue,
             Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {

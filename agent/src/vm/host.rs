@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use guest_quiesce::{Agent, FreezeStatus, Transport};
 
-use super::guard::ThawGuard;
+use super::guard::{EarlyGuard, ThawGuard};
 use super::job::VmHost;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::libvirt::{self, BackupSpec, Dom};
@@ -41,18 +41,22 @@ pub struct LibvirtHost {
     uri: String,
     name: String,
     freeze_limit: Duration,
+    /// A guard started early (see [`EarlyGuard`]), armed at [`VmHost::arm_guard`].
+    early_guard: Mutex<EarlyGuard>,
     guard: Mutex<Option<ThawGuard>>,
     gave_up: AtomicBool,
 }
 
 impl LibvirtHost {
-    /// A host for `dom` reached at `uri` (the guard connects on its own).
-    pub fn new(dom: Dom, uri: &str, freeze_limit: Duration) -> Self {
+    /// A host for `dom` reached at `uri` (the guard connects on its own). `early_guard`: the
+    /// thaw guard already being started for this domain, if any (else it starts when armed).
+    pub fn new(dom: Dom, uri: &str, freeze_limit: Duration, early_guard: EarlyGuard) -> Self {
         LibvirtHost {
             name: dom.name().to_string(),
             dom: Mutex::new(dom),
             uri: uri.to_string(),
             freeze_limit,
+            early_guard: Mutex::new(early_guard),
             guard: Mutex::new(None),
             gave_up: AtomicBool::new(false),
         }
@@ -156,8 +160,17 @@ impl VmHost for LibvirtHost {
     }
 
     fn arm_guard(&self) -> Result<()> {
-        let g = ThawGuard::spawn(&self.uri, &self.name, self.freeze_limit)?;
-        tracing::debug!(pid = g.pid(), "thaw guard ready");
+        let early = self.early_guard.lock().ok().and_then(|mut e| e.take());
+        let mut g = match early {
+            Some(Ok(g)) => g,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "the early thaw guard did not start; starting another");
+                ThawGuard::spawn(&self.uri, &self.name, self.freeze_limit)?
+            }
+            None => ThawGuard::spawn(&self.uri, &self.name, self.freeze_limit)?,
+        };
+        g.arm()?;
+        tracing::debug!(pid = g.pid(), "thaw guard armed");
         if let Ok(mut slot) = self.guard.lock() {
             *slot = Some(g);
         }
