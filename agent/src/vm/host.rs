@@ -133,10 +133,6 @@ impl LibvirtHost {
 }
 
 impl VmHost for LibvirtHost {
-    fn agent_ping(&self) -> Result<()> {
-        self.agent_call("guest agent ping", |a| a.ping())
-    }
-
     fn guest_exec(&self, cmd: &str) -> Result<()> {
         let r = self.agent_call("guest command", |a| {
             a.exec("/bin/sh", &["-c", cmd], Duration::from_secs(300))

@@ -38,8 +38,6 @@ pub enum QuiescePolicy {
 
 /// What the hypervisor must do for a live backup. Every method blocks.
 pub trait VmHost: Send + Sync + 'static {
-    /// Is the guest agent responding?
-    fn agent_ping(&self) -> Result<()>;
     /// Run a command in the guest (pre-freeze / post-thaw hooks) through `sh -c`; error unless
     /// it exits 0.
     fn guest_exec(&self, cmd: &str) -> Result<()>;
@@ -278,11 +276,29 @@ async fn steps<H: VmHost, T: Transfer>(
     let mut times = StepTimes::default();
     let mut t = Instant::now();
 
-    // Quiesce: is there an agent to freeze with?
+    // Quiesce: is there an agent to freeze with, and are the guest's filesystems thawed? Its
+    // freeze status answers both (the agent serves `guest-fsfreeze-status` even while frozen).
+    // Filesystems somebody else froze (an admin's `virsh domfsfreeze`, another tool's snapshot)
+    // are left as found: the agent would refuse our freeze, and the thaw that follows a failed
+    // freeze would end the other party's freeze under them.
     let mut quiesce = match opts.quiesce {
         QuiescePolicy::Off => Err("--quiesce off".to_string()),
-        _ => match call(&host, |h| h.agent_ping()).await {
-            Ok(()) => Ok(()),
+        _ => match call(&host, |h| h.freeze_status()).await {
+            Ok(s) if s == "thawed" => Ok(()),
+            Ok(s) => {
+                let why = format!(
+                    "the guest's filesystems were already frozen (status '{s}') by someone \
+                     else; Lifeboat leaves them as found (neither freezes nor thaws them)"
+                );
+                if opts.quiesce == QuiescePolicy::Required {
+                    return Err(Error::new(
+                        ErrorKind::Source,
+                        format!("--quiesce required: {why}; no job was started"),
+                    ));
+                }
+                g.warn(format!("{why}: the backup is crash-consistent"));
+                Err(why)
+            }
             Err(e) if opts.quiesce == QuiescePolicy::Required => {
                 return Err(Error::with_source(
                     ErrorKind::Source,
@@ -299,7 +315,7 @@ async fn steps<H: VmHost, T: Transfer>(
         },
     };
     if opts.quiesce != QuiescePolicy::Off {
-        t = times.mark("guest agent ping", t);
+        t = times.mark("guest agent freeze status", t);
     }
 
     if quiesce.is_ok() {

@@ -11,6 +11,8 @@ struct Fake {
     calls: Mutex<Vec<String>>,
     fail: Option<&'static str>,
     no_agent: bool,
+    /// Somebody else froze the guest before the run (its first status query says "frozen").
+    frozen_before: bool,
     /// `guest-fsfreeze-status` after the job began (default "frozen").
     status: Option<&'static str>,
     /// What the guard reports on release (it thawed on its own).
@@ -32,13 +34,6 @@ impl Fake {
 }
 
 impl VmHost for Fake {
-    fn agent_ping(&self) -> Result<()> {
-        if self.no_agent {
-            self.calls.lock().unwrap().push("ping".into());
-            return Err(Error::new(ErrorKind::Source, "no agent"));
-        }
-        self.step("ping")
-    }
     fn guest_exec(&self, cmd: &str) -> Result<()> {
         self.step(cmd)
     }
@@ -55,7 +50,21 @@ impl VmHost for Fake {
     fn thaw(&self) -> Result<u32> {
         self.step("thaw").map(|_| 1)
     }
+    /// Before any freeze the query is the run's first agent call ("probe": is there an agent,
+    /// is the guest thawed?); after it, the check that the freeze held ("status").
     fn freeze_status(&self) -> Result<String> {
+        if pos(&self.calls(), "freeze").is_none() {
+            if self.no_agent {
+                self.calls.lock().unwrap().push("probe".into());
+                return Err(Error::new(ErrorKind::Source, "no agent"));
+            }
+            let before = if self.frozen_before {
+                "frozen"
+            } else {
+                "thawed"
+            };
+            return self.step("probe").map(|_| before.into());
+        }
         self.step("status")
             .map(|_| self.status.unwrap_or("frozen").into())
     }
@@ -154,7 +163,7 @@ async fn success_order() {
     assert_eq!(
         calls,
         [
-            "ping",
+            "probe",
             "pre",
             "arm",
             "freeze",
@@ -186,7 +195,43 @@ async fn no_agent_auto_goes_crash_consistent_required_fails_early() {
     };
     let (ok, calls, _) = go(f, None, QuiescePolicy::Required).await;
     assert!(!ok);
-    assert_eq!(calls, ["ping"]);
+    assert_eq!(calls, ["probe"]);
+}
+
+/// Frozen by somebody else before the run: never frozen, thawed, guarded or hooked by it;
+/// `auto` backs up crash-consistent saying why, `required` fails before any job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_freeze_is_left_alone() {
+    let f = || Fake {
+        frozen_before: true,
+        ..Fake::default()
+    };
+    let host = Arc::new(f());
+    let mut t = FakeTransfer::default();
+    let r = run(host.clone(), &opts(QuiescePolicy::Auto), spec(), &mut t)
+        .await
+        .unwrap();
+    assert!(t.committed);
+    let calls = host.calls();
+    for never in ["pre", "arm", "freeze", "status", "thaw", "release", "post"] {
+        assert!(pos(&calls, never).is_none(), "{never}: {calls:?}");
+    }
+    assert!(pos(&calls, "begin").is_some() && pos(&calls, "end").is_some());
+    assert!(
+        r.facts.quiesce.starts_with("crash-consistent: ")
+            && r.facts.quiesce.contains("already frozen"),
+        "{}",
+        r.facts.quiesce
+    );
+    assert!(r.facts.freeze_window.is_none());
+    assert!(r
+        .facts
+        .warnings
+        .iter()
+        .any(|w| w.contains("already frozen")));
+    let (ok, calls, committed) = go(f(), None, QuiescePolicy::Required).await;
+    assert!(!ok && !committed);
+    assert_eq!(calls, ["probe"]);
 }
 
 /// Inject a failure at every step: thaw follows freeze, the guard is released after the
@@ -195,7 +240,7 @@ async fn no_agent_auto_goes_crash_consistent_required_fails_early() {
 #[tokio::test(flavor = "multi_thread")]
 async fn failure_at_every_step_cleans_up() {
     let host_steps = [
-        "ping", "pre", "arm", "freeze", "begin", "status", "thaw", "post", "cpxml", "alive",
+        "probe", "pre", "arm", "freeze", "begin", "status", "thaw", "post", "cpxml", "alive",
     ];
     let mut cases: Vec<(Option<&'static str>, Option<&'static str>)> =
         host_steps.iter().map(|s| (Some(*s), None)).collect();
@@ -227,7 +272,7 @@ async fn failure_at_every_step_cleans_up() {
                 }
             }
             let soft = matches!(*hfail, Some("status") | Some("post"))
-                || (q == QuiescePolicy::Auto && matches!(*hfail, Some("ping") | Some("freeze")));
+                || (q == QuiescePolicy::Auto && matches!(*hfail, Some("probe") | Some("freeze")));
             if soft {
                 assert!(ok && committed, "{what}");
             } else {
