@@ -451,6 +451,15 @@ fn main() -> Result<()> {
     rep.chunk_label = size_label(chunk_bytes as u64);
     rep.frame_label = frame_bytes.map(|f| size_label(f as u64));
     rep.loads.push(format!("start: {}", proc::loadavg()));
+    rep.work_fs = report::describe_work_fs(&args.work);
+    if rep.work_fs.contains("without a journal") {
+        eprintln!(
+            "note: the work directory is on an ext4 without a journal ({}): new files scan past \
+             the inodes freed in the last 1-6 minutes, so a run started soon after deleting many \
+             files measures that scan (docs/BENCHMARKS.md, \"What limits\")",
+            rep.work_fs
+        );
+    }
     let have_restic = args.peers && proc::have("restic");
     let have_borg = args.peers && proc::have("borg");
 

@@ -98,6 +98,8 @@ pub struct Report {
     pub zstd_level: i32,
     /// The repositories' object cipher (its name).
     pub cipher: &'static str,
+    /// The filesystem of the working directory, from [`describe_work_fs`].
+    pub work_fs: String,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
     cpu: Option<Ceilings>,
@@ -137,6 +139,26 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
+/// The device and filesystem holding `dir`, e.g. "/dev/vda (ext4 without a journal, rotational
+/// per the kernel)". Whether an ext4 has a journal matters: without one, every new file scans
+/// past the inodes freed in the last one to six minutes (docs/BENCHMARKS.md, "What limits").
+pub fn describe_work_fs(dir: &std::path::Path) -> String {
+    proc::capture(&[
+        "sh",
+        "-c",
+        "p=$1; set -- $(findmnt -no SOURCE,FSTYPE -T \"$p\" | head -1); \
+         rota=$(lsblk -dno ROTA \"$1\" 2>/dev/null | tr -d ' '); \
+         case $rota in 0) r='non-rotational';; 1) r='rotational per the kernel';; *) r='?';; esac; \
+         j=''; if [ \"$2\" = ext4 ]; then \
+           k=$(basename \"$(readlink -f \"$1\")\"); \
+           if ls /proc/fs/jbd2 2>/dev/null | grep -q \"^$k-\"; then j=' with a journal'; \
+           else j=' without a journal'; fi; fi; \
+         echo \"$1 ($2$j, $r)\"",
+        "sh",
+        &dir.to_string_lossy(),
+    ])
+}
+
 impl Report {
     /// An empty report.
     pub fn new(size: u64, rounds: u32, threads: usize, sample_bytes: u64) -> Report {
@@ -155,6 +177,7 @@ impl Report {
             frame_label: Some("64 KiB".into()),
             zstd_level: repo_format::DEFAULT_ZSTD_LEVEL,
             cipher: "XChaCha20-Poly1305",
+            work_fs: "?".into(),
             live: None,
             results: BTreeMap::new(),
             cpu: None,
@@ -239,14 +262,7 @@ impl Report {
             "awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo",
         ]);
         let kernel = proc::capture(&["uname", "-r"]);
-        let disk = proc::capture(&[
-            "sh",
-            "-c",
-            "set -- $(findmnt -no SOURCE,FSTYPE -T /var/tmp | head -1); \
-             rota=$(lsblk -dno ROTA \"$1\" 2>/dev/null | tr -d ' '); \
-             case $rota in 0) r='non-rotational';; 1) r='rotational per the kernel';; *) r='?';; esac; \
-             echo \"$1 ($2, $r)\"",
-        ]);
+        let disk = &self.work_fs;
         let a = self.allocated;
         let v = self.size;
         let _ = writeln!(s, "### Run of {}", now.strftime("%Y-%m-%d %H:%M UTC"));
