@@ -133,6 +133,10 @@ pub async fn backup_disk(
     let frame_size = repo.frame_size().map(u64::from);
     let dirty = matches!(mode, Mode::Incremental { .. }).then_some(&to_visit);
 
+    // Two bounds: at most `concurrency()` chunks are being read, hashed and sealed (the CPU
+    // stage), and as many again may be in their object write + fsync (the store stage), so
+    // that chunks waiting for the device do not hold the CPU stage's places.
+    let cpu_stage = Arc::new(tokio::sync::Semaphore::new(concurrency()));
     let mut results = futures::stream::iter(to_visit.chunks_touched(chunk_size).enumerate())
         .map(|(n, idx)| {
             let client = clients[n % clients.len()].clone();
@@ -144,8 +148,13 @@ pub async fn backup_disk(
             let chunks_new = chunks_new.clone();
             let chunks_processed = chunks_processed.clone();
             let progress = progress.clone();
+            let cpu_stage = cpu_stage.clone();
             async move {
                 let (start, end) = chunk_range(idx, chunk_size, size);
+                let permit = cpu_stage
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Error::with_source(ErrorKind::Other, "pipeline closed", e))?;
                 let reader = Reader {
                     client: &client,
                     data: &data,
@@ -158,19 +167,18 @@ pub async fn backup_disk(
                     }
                     _ => None,
                 };
-                let entry = match framed {
-                    Some(update) => {
-                        let (sealed, all_zero) = update;
-                        let repo = repo.clone();
+                let r2 = repo.clone();
+                let stage = match framed {
+                    Some((sealed, all_zero)) => {
                         blocking(move || {
                             if all_zero {
-                                return Ok((None, None));
+                                return Ok(Stage::Done(None));
                             }
                             let id = sealed.id;
                             if parent == Some(id) {
-                                return Ok((Some(id), None));
+                                return Ok(Stage::Done(Some(id)));
                             }
-                            store_new(&repo, &id, || Ok(sealed)).map(|w| (Some(id), w))
+                            seal_new(&r2, &id, || Ok(sealed))
                         })
                         .await?
                     }
@@ -178,33 +186,45 @@ pub async fn backup_disk(
                         let buf = reader.read(start, end).await?;
                         blocking(move || {
                             let Some(buf) = buf.filter(|b| !is_zero(b)) else {
-                                return Ok((None, None));
+                                return Ok(Stage::Done(None));
                             };
-                            let hash = repo.hash_chunk(&buf);
+                            let hash = r2.hash_chunk(&buf);
                             let id = hash.id;
                             if parent == Some(id) {
-                                return Ok((Some(id), None));
+                                return Ok(Stage::Done(Some(id)));
                             }
-                            let seal = || {
-                                repo.try_seal_hashed(&hash, &buf)
+                            seal_new(&r2, &id, || {
+                                r2.try_seal_hashed(&hash, &buf)
                                     .map_err(|e| repo_err(e, format!("cannot seal chunk {id}")))
-                            };
-                            store_new(&repo, &id, seal).map(|w| (Some(id), w))
+                            })
                         })
                         .await?
                     }
                 };
-                let (entry, written) = entry;
-                if let Some(len) = written {
-                    bytes_new.fetch_add(len, Ordering::Relaxed);
-                    chunks_new.fetch_add(1, Ordering::Relaxed);
-                }
+                drop(permit);
+                let entry = match stage {
+                    Stage::Done(entry) => entry,
+                    Stage::Store(sealed) => {
+                        let id = sealed.id;
+                        let written = blocking(move || {
+                            repo.store_chunk(&sealed)
+                                .map(|w| w.then_some(sealed.bytes.len() as u64))
+                                .map_err(|e| repo_err(e, format!("cannot store chunk {id}")))
+                        })
+                        .await?;
+                        if let Some(len) = written {
+                            bytes_new.fetch_add(len, Ordering::Relaxed);
+                            chunks_new.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(id)
+                    }
+                };
                 chunks_processed.fetch_add(1, Ordering::Relaxed);
                 progress.add(end - start);
                 Ok::<_, Error>((idx, entry))
             }
         })
-        .buffer_unordered(concurrency());
+        .buffer_unordered(concurrency() * 2);
 
     // Only the chunks read change; every other entry keeps the base's (parent's, or zero).
     let mut updates = Vec::new();
@@ -235,24 +255,27 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
 }
 
-/// Stores the chunk `id` unless the repository has it: `Some(sealed bytes)` when this call
-/// wrote it.
-fn store_new(
+/// Where a chunk is after the CPU stage.
+enum Stage {
+    /// Nothing to store: the chunk's entry (`None`: all zero).
+    Done(Option<ChunkId>),
+    /// A chunk the repository does not have yet, sealed, to be stored.
+    Store(SealedChunk),
+}
+
+/// The chunk `id` to store (sealed by `seal`) unless the repository has it already.
+fn seal_new(
     repo: &Repository,
     id: &ChunkId,
     seal: impl FnOnce() -> Result<SealedChunk>,
-) -> Result<Option<u64>> {
+) -> Result<Stage> {
     let known = repo
         .has_chunk(id)
         .map_err(|e| repo_err(e, format!("cannot check for chunk {id}")))?;
     if known {
-        return Ok(None);
+        return Ok(Stage::Done(Some(*id)));
     }
-    let sealed = seal()?;
-    let written = repo
-        .store_chunk(&sealed)
-        .map_err(|e| repo_err(e, format!("cannot store chunk {id}")))?;
-    Ok(written.then_some(sealed.bytes.len() as u64))
+    seal().map(Stage::Store)
 }
 
 /// Reads byte ranges of the disk: only their allocated, non-zero extents go over NBD.

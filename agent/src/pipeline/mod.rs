@@ -1,7 +1,8 @@
 //! The data path. Backup: NBD extents → chunk → hash → (skip if known) → compress → encrypt →
 //! store. Restore: index → load + verify chunks in parallel → write into a sparse image.
 //!
-//! Memory is bounded by the number of chunks in flight ([`concurrency`]); hashing, compression,
+//! Memory is bounded by the number of chunks in flight ([`concurrency`]; a backup keeps as many
+//! again in their object write + fsync, holding only the sealed bytes); hashing, compression,
 //! encryption and storage run on the blocking thread pool so that all cores work while the NBD
 //! connection keeps many reads in flight.
 
