@@ -134,8 +134,9 @@ pub async fn backup_disk(
     let dirty = matches!(mode, Mode::Incremental { .. }).then_some(&to_visit);
 
     // Two bounds: at most `concurrency()` chunks are being read, hashed and sealed (the CPU
-    // stage), and as many again may be in their object write + fsync (the store stage), so
-    // that chunks waiting for the device do not hold the CPU stage's places.
+    // stage), and the stream keeps twice that many in flight, so that while the CPU stage is
+    // full up to as many more sit in their object write + fsync (the store stage): chunks
+    // waiting for the device do not hold the CPU stage's places.
     let cpu_stage = Arc::new(tokio::sync::Semaphore::new(concurrency()));
     let mut results = futures::stream::iter(to_visit.chunks_touched(chunk_size).enumerate())
         .map(|(n, idx)| {

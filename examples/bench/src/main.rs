@@ -451,7 +451,7 @@ fn main() -> Result<()> {
     rep.chunk_label = size_label(chunk_bytes as u64);
     rep.frame_label = frame_bytes.map(|f| size_label(f as u64));
     rep.loads.push(format!("start: {}", proc::loadavg()));
-    rep.work_fs = report::describe_work_fs(&args.work);
+    rep.work_fs = proc::describe_work_fs(&args.work);
     if rep.work_fs.contains("without a journal") {
         eprintln!(
             "note: the work directory is on an ext4 without a journal ({}): new files scan past \

@@ -319,6 +319,26 @@ pub fn du_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The device and filesystem holding `dir`, e.g. "/dev/vda (ext4 without a journal, rotational
+/// per the kernel)". Whether an ext4 has a journal matters: without one, every new file scans
+/// past the inodes freed in the last one to six minutes (docs/BENCHMARKS.md, "What limits").
+pub fn describe_work_fs(dir: &std::path::Path) -> String {
+    capture(&[
+        "sh",
+        "-c",
+        "p=$1; set -- $(findmnt -no SOURCE,FSTYPE -T \"$p\" | head -1); \
+         rota=$(lsblk -dno ROTA \"$1\" 2>/dev/null | tr -d ' '); \
+         case $rota in 0) r='non-rotational';; 1) r='rotational per the kernel';; *) r='?';; esac; \
+         j=''; if [ \"$2\" = ext4 ]; then \
+           k=$(basename \"$(readlink -f \"$1\")\"); \
+           if ls /proc/fs/jbd2 2>/dev/null | grep -q \"^$k-\"; then j=' with a journal'; \
+           else j=' without a journal'; fi; fi; \
+         echo \"$1 ($2$j, $r)\"",
+        "sh",
+        &dir.to_string_lossy(),
+    ])
+}
+
 /// The 1-minute load average.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -98,7 +98,7 @@ pub struct Report {
     pub zstd_level: i32,
     /// The repositories' object cipher (its name).
     pub cipher: &'static str,
-    /// The filesystem of the working directory, from [`describe_work_fs`].
+    /// The filesystem of the working directory, from [`proc::describe_work_fs`].
     pub work_fs: String,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
@@ -137,26 +137,6 @@ fn verdict(ok: bool) -> &'static str {
     } else {
         "**missed**"
     }
-}
-
-/// The device and filesystem holding `dir`, e.g. "/dev/vda (ext4 without a journal, rotational
-/// per the kernel)". Whether an ext4 has a journal matters: without one, every new file scans
-/// past the inodes freed in the last one to six minutes (docs/BENCHMARKS.md, "What limits").
-pub fn describe_work_fs(dir: &std::path::Path) -> String {
-    proc::capture(&[
-        "sh",
-        "-c",
-        "p=$1; set -- $(findmnt -no SOURCE,FSTYPE -T \"$p\" | head -1); \
-         rota=$(lsblk -dno ROTA \"$1\" 2>/dev/null | tr -d ' '); \
-         case $rota in 0) r='non-rotational';; 1) r='rotational per the kernel';; *) r='?';; esac; \
-         j=''; if [ \"$2\" = ext4 ]; then \
-           k=$(basename \"$(readlink -f \"$1\")\"); \
-           if ls /proc/fs/jbd2 2>/dev/null | grep -q \"^$k-\"; then j=' with a journal'; \
-           else j=' without a journal'; fi; fi; \
-         echo \"$1 ($2$j, $r)\"",
-        "sh",
-        &dir.to_string_lossy(),
-    ])
 }
 
 impl Report {
