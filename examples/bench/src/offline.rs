@@ -140,7 +140,9 @@ pub fn one_round(
         ctx.discard(&borg_repo);
     }
 
-    // Restore ceilings and restores (every side fsyncs its output before the clock stops).
+    // Restore ceilings and restores (every side fsyncs its output before the clock stops),
+    // every reader's input in the page cache.
+    proc::warm_tree(&repo)?;
     for fmt in ["qcow2", "raw"] {
         let out = w.join(format!("convert.{fmt}"));
         rm(&out);

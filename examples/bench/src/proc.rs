@@ -319,6 +319,25 @@ pub fn du_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads every file under `path` once, so that it is in the page cache (untimed): Lifeboat
+/// writes chunk objects with direct I/O, so a restore or verify right after a backup would
+/// otherwise read the repository from the device while `qemu-img convert` (the restore
+/// ceiling) reads its image from the page cache and the CPU ceilings work on memory.
+pub fn warm_tree(path: &Path) -> Result<()> {
+    let mut dirs = vec![path.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                std::io::copy(&mut std::fs::File::open(entry.path())?, &mut std::io::sink())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The device and filesystem holding `dir`, e.g. "/dev/vda (ext4 without a journal, rotational
 /// per the kernel)". Whether an ext4 has a journal matters: without one, every new file scans
 /// past the inodes freed in the last one to six minutes (docs/BENCHMARKS.md, "What limits").

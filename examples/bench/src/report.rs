@@ -253,21 +253,34 @@ impl Report {
             self.threads
         );
         let _ = writeln!(s, "- Load average (1/5/15 min): {}", self.loads.join("; "));
+        // With `--only-live` no offline round ran: no offline incremental, no rounds to count.
+        let offline = self.get("lb.full").is_some();
         let _ = writeln!(
             s,
-            "- Disk: mixed qcow2 (scripts/make-mixed-image.sh), {} virtual, {} allocated non-zero; \
-             incremental after {} dirtied in 64 KiB writes spread over the disk",
+            "- Disk: mixed qcow2 (scripts/make-mixed-image.sh), {} virtual, {} allocated non-zero{}",
             size_h(v),
             size_h(a),
-            size_h(self.dirty)
+            if offline {
+                format!(
+                    "; incremental after {} dirtied in 64 KiB writes spread over the disk",
+                    size_h(self.dirty)
+                )
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(
             s,
-            "- Best of {} interleaved round(s); image in the page cache for every reader; repository \
+            "- {}; image in the page cache for every reader (the repository too, before restore \
+             and verify: Lifeboat writes chunk objects with direct I/O); repository \
              encrypted with {} (key file), {} chunks{}, zstd level {}. Durability: Lifeboat fsyncs what it \
              writes (objects, restored image); `qemu-img convert` is followed by `sync FILE`; \
              nbdcopy writes nothing. MB/s = 10^6 bytes/s.",
-            self.rounds,
+            if offline {
+                format!("Best of {} interleaved round(s)", self.rounds)
+            } else {
+                "No offline rounds (`--only-live`)".to_string()
+            },
             self.cipher,
             self.chunk_label,
             match &self.frame_label {
