@@ -326,12 +326,17 @@ pub fn du_bytes(path: &Path) -> u64 {
 pub fn warm_tree(path: &Path) -> Result<()> {
     let mut dirs = vec![path.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 dirs.push(entry.path());
             } else {
-                std::io::copy(&mut std::fs::File::open(entry.path())?, &mut std::io::sink())?;
+                std::io::copy(
+                    &mut std::fs::File::open(entry.path())?,
+                    &mut std::io::sink(),
+                )?;
             }
         }
     }
