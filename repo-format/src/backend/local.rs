@@ -76,16 +76,10 @@ impl LocalBackend {
         }
     }
 
-    /// Writes chunk objects through the page cache instead of with direct I/O (see the
-    /// type's documentation).
-    pub fn buffered(self) -> Self {
-        self.direct.store(false, Ordering::Relaxed);
-        self
-    }
-
     /// Whether chunk objects are still written with direct I/O (the filesystem has not refused
-    /// it and [`LocalBackend::buffered`] was not asked for).
-    pub fn writes_direct(&self) -> bool {
+    /// it).
+    #[cfg(test)]
+    fn writes_direct(&self) -> bool {
         self.direct.load(Ordering::Relaxed)
     }
 
@@ -583,7 +577,10 @@ mod tests {
         for (n, len) in sizes.into_iter().enumerate() {
             // A pattern that differs in every block, so a misplaced block shows.
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
-            for key in [format!("chunks/{n:02x}/{n:02x}ff"), format!("snapshots/s{n}")] {
+            for key in [
+                format!("chunks/{n:02x}/{n:02x}ff"),
+                format!("snapshots/s{n}"),
+            ] {
                 assert!(b.put_if_absent(&key, &data).unwrap(), "{key}");
                 assert_eq!(b.get(&key).unwrap(), data, "{key}, {len} bytes");
             }
@@ -591,16 +588,21 @@ mod tests {
         let fs_type = rustix::fs::statfs(dir.path()).unwrap().f_type;
         // EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC
         if [0xEF53, 0x5846_5342].contains(&(fs_type as i64)) {
-            assert!(b.writes_direct(), "direct I/O given up on fs type {fs_type:#x}");
+            assert!(
+                b.writes_direct(),
+                "direct I/O given up on fs type {fs_type:#x}"
+            );
         }
-        assert!(!LocalBackend::new(dir.path()).buffered().writes_direct());
     }
 
     /// A file that refuses `O_DIRECT` (here a character device) gets the whole object through
     /// buffered writes, and the backend stops trying.
     #[test]
     fn a_refused_direct_write_falls_back() {
-        let f = fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
         let flag = AtomicBool::new(true);
         write_object(&f, &vec![5u8; DIRECT_MIN_LEN * 2 + 17], Some(&flag)).unwrap();
         assert!(!flag.load(Ordering::Relaxed));
