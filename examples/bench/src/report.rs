@@ -9,7 +9,9 @@ use anyhow::{Context as _, Result};
 use crate::cpu::Ceilings;
 use crate::proc;
 
+mod cpu_work;
 mod live;
+mod peers;
 
 /// The best (fastest) round of one measurement, with the largest peak RSS seen in any round.
 #[derive(Debug, Clone, Copy)]
@@ -224,30 +226,6 @@ impl Report {
     /// A measurement that was not made, and why.
     pub fn note(&mut self, what: &str, why: &str) {
         self.notes.push((what.to_string(), why.to_string()));
-    }
-
-    /// What the full-backup target allows on this machine: the two ceilings are each measured
-    /// alone, but a backup does both works (NBD transfer and hash + compress + encrypt) on the
-    /// same cores, so even with no CPU spent beyond them it cannot take less than their CPU
-    /// seconds divided by the cores.
-    fn full_backup_bound(&self, c: Ceilings) -> Option<String> {
-        let nbd = self.get("ceil.nbdcopy")?;
-        let work = nbd.cpu_secs? + self.allocated as f64 / 1e6 * c.seal_cpu_per_mb;
-        let cores = self.threads.max(1) as f64;
-        let fastest = work / cores;
-        let ceil = mb(self.allocated, nbd.secs).min(c.seal_n);
-        let bound = mb(self.allocated, fastest) / ceil;
-        Some(format!(
-            "Full-backup bound on this machine: the ceilings' own CPU work for these bytes \
-             ({work:.2} CPU-s: nbdcopy + hash/compress/encrypt) on {cores:.0} cores takes at \
-             least {fastest:.2} s, i.e. at most {bound:.2}× min(NBD, CPU) with nothing spent \
-             beyond it{}.",
-            if bound < 0.8 {
-                " — the ≥ 0.8× target is out of reach here by the ceilings' own work"
-            } else {
-                ""
-            }
-        ))
     }
 
     fn get(&self, k: &str) -> Option<Best> {
@@ -517,93 +495,11 @@ impl Report {
         );
         let _ = writeln!(s);
 
-        // CPU work: less sensitive to the load of a shared machine than wall time.
-        // (Not with `--only-live`: the offline runs it compares did not happen.)
-        if let (Some(c), true) = (self.cpu, self.get("lb.full").is_some()) {
-            let _ = writeln!(
-                s,
-                "| CPU work (user + system s, children such as qemu-nbd included) | Lifeboat | ceiling's work | efficiency |"
-            );
-            let _ = writeln!(s, "| --- | --- | --- | --- |");
-            let cpu = |k: &str| self.get(k).and_then(|b| b.cpu_secs);
-            let amb = a as f64 / 1e6;
-            let mut rows: Vec<(String, Option<f64>, Option<f64>, &str)> = vec![(
-                "full backup vs nbdcopy + hash/compress/encrypt of the allocated bytes".into(),
-                cpu("lb.full"),
-                cpu("ceil.nbdcopy").map(|n| n + amb * c.seal_cpu_per_mb),
-                "",
-            )];
-            for fmt in ["qcow2", "raw"] {
-                rows.push((
-                    format!("restore → {fmt} vs qemu-img convert + decrypt/decompress/hash"),
-                    cpu(&format!("lb.restore.{fmt}")),
-                    cpu(&format!("ceil.convert.{fmt}")).map(|n| n + amb * c.open_cpu_per_mb),
-                    "",
-                ));
-            }
-            rows.push((
-                "verify --read-data vs decrypt/decompress/hash of the bytes checked".into(),
-                cpu("lb.verify"),
-                Some(self.verify_bytes as f64 / 1e6 * c.open_cpu_per_mb),
-                "",
-            ));
-            for (name, lb, ceil, _) in rows {
-                match (lb, ceil) {
-                    (Some(l), Some(c)) => {
-                        let _ =
-                            writeln!(s, "| {name} | {l:.2} | {c:.2} | {:.2}× |", c / l.max(1e-9));
-                    }
-                    _ => {
-                        let _ = writeln!(
-                            s,
-                            "| {name} | not measured: no CPU time (needs /usr/bin/time) | | |"
-                        );
-                    }
-                }
-            }
-            let _ = writeln!(
-                s,
-                "\nEfficiency = the ceiling's CPU seconds for the same bytes / Lifeboat's (1.0 = no \
-                 CPU spent beyond the unavoidable work). CPU times have 10 ms resolution.\n"
-            );
-            if let Some(line) = self.full_backup_bound(c) {
-                let _ = writeln!(s, "{line}\n");
-            }
-        }
+        self.render_cpu_work(&mut s);
 
         self.render_live(&mut s, max_rss);
 
-        // Peers.
-        let mut peers = String::new();
-        let borg_label = format!("borg `create` from stdin, zstd {}", self.zstd_level);
-        for (peer, label) in [
-            ("restic", "restic 0.x `backup --stdin`"),
-            ("borg", borg_label.as_str()),
-        ] {
-            for (kind, lb) in [("full", "lb.full"), ("incr", "lb.incr")] {
-                if let (Some(p), Some(l)) = (self.get(&format!("{peer}.{kind}")), self.get(lb)) {
-                    let r = p.secs / l.secs;
-                    let target = if peer == "restic" { Some(2.0) } else { None };
-                    let _ = writeln!(
-                        peers,
-                        "| {label}, {kind} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
-                        p.secs,
-                        mb(v, p.secs),
-                        speedup(r),
-                        target.map_or(String::new(), |t| format!("≥ {t}×")),
-                        target.map_or("", |t| verdict(r >= t)),
-                        mib(p.rss_kib),
-                        size_h(p.repo_bytes)
-                    );
-                }
-            }
-        }
-        if !peers.is_empty() {
-            let _ = writeln!(s, "| peer (same bytes, piped from `nbdcopy … -`) | best s | MB/s virtual | vs Lifeboat | target | | peak RSS MiB | repo |");
-            let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
-            s.push_str(&peers);
-            let _ = writeln!(s);
-        }
+        self.render_peers(&mut s);
         for (what, why) in &self.notes {
             let _ = writeln!(s, "- {what}: {why}");
         }
@@ -627,55 +523,4 @@ pub fn write_out(path: &Path, md: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn live_report(freeze: Vec<(&'static str, Option<f64>)>) -> String {
-        let mut r = Report::new(1 << 30, 1, 2, 0);
-        r.allocated = 1 << 29;
-        r.add("live.lb.full", Best::time(4.0, Some(70 * 1024), 0));
-        r.add("live.lb.incr", Best::time(1.0, Some(60 * 1024), 0));
-        r.add("live.vnb.full", Best::time(8.0, Some(140 * 1024), 0));
-        r.add("live.vnb.incr", Best::time(0.5, Some(50 * 1024), 0));
-        r.add_live(LiveFacts {
-            freeze_ms: freeze,
-            quiesce: vec!["application-consistent".into()],
-            ..LiveFacts::default()
-        });
-        let mut s = String::new();
-        r.render_live(&mut s, 0);
-        s
-    }
-
-    fn row<'a>(s: &'a str, start: &str) -> &'a str {
-        s.lines().find(|l| l.starts_with(start)).unwrap_or_default()
-    }
-
-    #[test]
-    fn freeze_window_verdict_takes_the_worst_backup() {
-        let s = live_report(vec![("full", Some(150.0)), ("incremental", Some(999.0))]);
-        let r = row(&s, "| freeze window");
-        assert!(r.contains("| 0.999 |") && r.contains("| met |"), "{r}");
-        let s = live_report(vec![("full", Some(150.0)), ("incremental", Some(1000.0))]);
-        assert!(row(&s, "| freeze window").contains("**missed**"));
-        // A backup that did not freeze cannot meet the target.
-        let s = live_report(vec![("full", Some(150.0)), ("incremental", None)]);
-        let r = row(&s, "| freeze window");
-        assert!(
-            r.contains("incremental: no freeze") && r.contains("**missed**"),
-            "{r}"
-        );
-    }
-
-    #[test]
-    fn virtnbdbackup_ratios_are_against_the_same_kind_of_lifeboat_run() {
-        let s = live_report(vec![("full", Some(100.0))]);
-        let full = row(&s, "| virtnbdbackup full");
-        assert!(
-            full.contains("Lifeboat 2.0× faster") && full.contains("**missed**"),
-            "{full}"
-        );
-        let incr = row(&s, "| virtnbdbackup incremental");
-        assert!(incr.contains("Lifeboat 2.0× slower"), "{incr}");
-    }
-}
+mod tests;
