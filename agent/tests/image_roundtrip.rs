@@ -155,6 +155,25 @@ fn raw_round_trip_in_both_formats_and_second_backup_stores_nothing() {
     let out = env.path("out");
     env.restore("vm2@latest", &out, &[]);
     let raw = out.join("vdb.raw");
+    // The restore leaves none of its image in the page cache (pipeline::writeback; tmpfs
+    // pages cannot be dropped).
+    if tool("stat", &["-f", "-c", "%T", out.to_str().unwrap()]).trim() != "tmpfs" {
+        let cached = tool(
+            "fincore",
+            &[
+                "--bytes",
+                "--noheadings",
+                "--output",
+                "RES",
+                raw.to_str().unwrap(),
+            ],
+        );
+        let cached: u64 = cached.trim().parse().unwrap();
+        assert!(
+            cached < 4 * MIB,
+            "{cached} bytes of the restored image still cached"
+        );
+    }
     assert_identical(&src, &raw);
     assert_sparse(allocated(&raw), allocated(&src), "raw");
 

@@ -6,7 +6,9 @@
 //! matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
 //! chunk, only the runs of blocks that hold a non-zero byte are: fewer bytes through the kernel,
 //! and a sparser result. Writeback of each written range starts at once ([`super::writeback`]),
-//! so the disk works while chunks are still being decoded and dirty pages stay few. The caller
+//! so the disk works while chunks are still being decoded and dirty pages stay few, and the
+//! written pages leave the page cache once written back, so a restore neither evicts the host's
+//! page cache nor grows it. The caller
 //! writes into a temporary file and renames it only on success.
 
 use std::fs::File;
@@ -19,6 +21,7 @@ use futures::StreamExt;
 use repo_format::{ChunkBuffers, ChunkId, DiskIndex, Repository};
 
 use super::progress::Progress;
+use super::writeback::Writeback;
 use super::{chunk_range, concurrency};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 
@@ -132,6 +135,7 @@ pub async fn restore_disk(
     // taking turns here lets waiting workers sleep instead of spinning on that lock
     // (`rwsem_spin_on_owner` was 10 % of a raw restore's CPU profile).
     let write_turn = Arc::new(std::sync::Mutex::new(()));
+    let writeback = Arc::new(Writeback::default());
 
     let work = index.stored().iter().copied().map(|(idx, id)| {
         let repo = repo.clone();
@@ -140,6 +144,7 @@ pub async fn restore_disk(
         let chunks = chunks.clone();
         let progress = progress.clone();
         let write_turn = write_turn.clone();
+        let writeback = writeback.clone();
         async move {
             let (off, end) = chunk_range(idx, cs, size);
             let len = end - off;
@@ -163,7 +168,7 @@ pub async fn restore_disk(
                             }
                             drop(_turn);
                             if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
-                                super::writeback::start(
+                                writeback.written(
                                     &file,
                                     off + first.0 as u64,
                                     (last.1 - first.0) as u64,
@@ -193,12 +198,17 @@ pub async fn restore_disk(
     match &sink {
         Sink::File(file) => {
             let file = file.clone();
-            tokio::task::spawn_blocking(move || file.sync_all())
-                .await
-                .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
-                .ctx(ErrorKind::Target, || {
-                    "cannot flush the restored image".into()
-                })?;
+            let writeback = writeback.clone();
+            tokio::task::spawn_blocking(move || {
+                file.sync_all()?;
+                writeback.finish(&file);
+                Ok::<_, std::io::Error>(())
+            })
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
+            .ctx(ErrorKind::Target, || {
+                "cannot flush the restored image".into()
+            })?;
         }
     }
 
