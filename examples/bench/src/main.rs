@@ -452,6 +452,7 @@ fn main() -> Result<()> {
     rep.frame_label = frame_bytes.map(|f| size_label(f as u64));
     rep.loads.push(format!("start: {}", proc::loadavg()));
     rep.work_fs = proc::describe_work_fs(&args.work);
+    rep.memory_note = proc::memory_note();
     if rep.work_fs.contains("without a journal") {
         eprintln!(
             "note: the work directory is on an ext4 without a journal ({}): new files scan past \

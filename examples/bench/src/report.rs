@@ -102,6 +102,8 @@ pub struct Report {
     pub cipher: &'static str,
     /// The filesystem of the working directory, from [`proc::describe_work_fs`].
     pub work_fs: String,
+    /// What this machine does with freed memory, from [`proc::memory_note`].
+    pub memory_note: Option<String>,
     live: Option<LiveFacts>,
     results: BTreeMap<String, Best>,
     cpu: Option<Ceilings>,
@@ -160,6 +162,7 @@ impl Report {
             zstd_level: repo_format::DEFAULT_ZSTD_LEVEL,
             cipher: "XChaCha20-Poly1305",
             work_fs: "?".into(),
+            memory_note: None,
             live: None,
             results: BTreeMap::new(),
             cpu: None,
@@ -251,8 +254,12 @@ impl Report {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "- Machine: {cpu_model}, {} cores, {mem} RAM, kernel {kernel}; work directory on {disk}",
-            self.threads
+            "- Machine: {cpu_model}, {} cores, {mem} RAM, kernel {kernel}; work directory on {disk}{}",
+            self.threads,
+            self.memory_note
+                .as_ref()
+                .map(|m| format!("; {m}"))
+                .unwrap_or_default()
         );
         let _ = writeln!(s, "- Load average (1/5/15 min): {}", self.loads.join("; "));
         // With `--only-live` no offline round ran: no offline incremental, no rounds to count.
