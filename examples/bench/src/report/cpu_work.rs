@@ -18,27 +18,24 @@ impl Report {
             let _ = writeln!(s, "| --- | --- | --- | --- |");
             let cpu = |k: &str| self.get(k).and_then(|b| b.cpu_secs);
             let amb = self.allocated as f64 / 1e6;
-            let mut rows: Vec<(String, Option<f64>, Option<f64>, &str)> = vec![(
+            let mut rows: Vec<(String, Option<f64>, Option<f64>)> = vec![(
                 "full backup vs nbdcopy + hash/compress/encrypt of the allocated bytes".into(),
                 cpu("lb.full"),
-                cpu("ceil.nbdcopy").map(|n| n + amb * c.seal_cpu_per_mb),
-                "",
+                self.full_backup_ceiling_work(c),
             )];
             for fmt in ["qcow2", "raw"] {
                 rows.push((
                     format!("restore → {fmt} vs qemu-img convert + decrypt/decompress/hash"),
                     cpu(&format!("lb.restore.{fmt}")),
                     cpu(&format!("ceil.convert.{fmt}")).map(|n| n + amb * c.open_cpu_per_mb),
-                    "",
                 ));
             }
             rows.push((
                 "verify --read-data vs decrypt/decompress/hash of the bytes checked".into(),
                 cpu("lb.verify"),
                 Some(self.verify_bytes as f64 / 1e6 * c.open_cpu_per_mb),
-                "",
             ));
-            for (name, lb, ceil, _) in rows {
+            for (name, lb, ceil) in rows {
                 match (lb, ceil) {
                     (Some(l), Some(c)) => {
                         let _ =
@@ -69,7 +66,7 @@ impl Report {
     /// seconds divided by the cores.
     fn full_backup_bound(&self, c: Ceilings) -> Option<String> {
         let nbd = self.get("ceil.nbdcopy")?;
-        let work = nbd.cpu_secs? + self.allocated as f64 / 1e6 * c.seal_cpu_per_mb;
+        let work = self.full_backup_ceiling_work(c)?;
         let cores = self.threads.max(1) as f64;
         let fastest = work / cores;
         let ceil = mb(self.allocated, nbd.secs).min(c.seal_n);
@@ -85,5 +82,12 @@ impl Report {
                 ""
             }
         ))
+    }
+
+    /// The ceilings' CPU seconds for a full backup's bytes: nbdcopy's (qemu-nbd and its
+    /// client) plus hash + compress + encrypt of the allocated bytes.
+    fn full_backup_ceiling_work(&self, c: Ceilings) -> Option<f64> {
+        let nbd = self.get("ceil.nbdcopy")?.cpu_secs?;
+        Some(nbd + self.allocated as f64 / 1e6 * c.seal_cpu_per_mb)
     }
 }

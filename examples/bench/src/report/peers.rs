@@ -7,7 +7,6 @@ use super::*;
 impl Report {
     /// The peers' table, or nothing when no peer ran.
     pub(super) fn render_peers(&self, s: &mut String) {
-        // Peers.
         let mut peers = String::new();
         let borg_label = format!("borg `create` from stdin, zstd {}", self.zstd_level);
         for (peer, label) in [
