@@ -27,13 +27,13 @@ use std::num::NonZeroU64;
 use std::sync::Mutex;
 
 /// Bytes written after a range before it is dropped from the page cache.
-pub const LAG_BYTES: u64 = 128 << 20;
+const LAG_BYTES: u64 = 128 << 20;
 
 /// Ask the kernel to start writing `len` bytes at `offset` of `file` back to the device,
 /// without waiting for it. A hint: the caller's final fsync is what makes the data durable and
 /// reports I/O errors, so a failure here (say, a filesystem without support) is ignored.
 #[allow(unsafe_code)]
-pub fn start(file: &File, offset: u64, len: u64) {
+fn start(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd as _;
