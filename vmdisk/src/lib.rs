@@ -17,6 +17,7 @@
 pub mod error;
 pub mod extent;
 pub mod nbd;
+pub mod qcow2;
 pub mod qemu;
 
 pub use error::{Error, ErrorKind, Result};
