@@ -344,13 +344,13 @@ fn sigint_stops_backup_and_restore_cleanly() {
         .unwrap_or_default();
     assert_eq!(bitmaps.len(), 1, "stale bitmaps left: {bitmaps:?}");
 
-    // Restore: interrupt once the hidden partial file is being written. The qcow2 restore
-    // pulls from Lifeboat's NBD server; its chunk-load delay hook keeps the 160 chunks in
-    // transfer for ≈ 1 s, so that a fast machine does not finish before the signal.
+    // Restore: interrupt once the hidden partial file is being written. The restore's chunk
+    // delay hook keeps the 160 chunks in transfer for ≈ 1 s (8 at a time), so that a fast
+    // machine does not finish before the signal.
     let to = env.path("restore");
     let child = env
         .cmd(&["restore", "big@latest", "--to", to.to_str().unwrap()])
-        .env("LIFEBOAT_TEST_SERVE_CHUNK_DELAY_MS", "50")
+        .env("LIFEBOAT_TEST_RESTORE_CHUNK_DELAY_MS", "50")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -9,6 +9,8 @@
 //! data is written, and the domain is defined only after every disk is in place.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use repo_format::{DiskEntry, DiskIndex, Manifest, Repository, SnapshotId};
 use serde_json::json;
 use vmdisk::nbd::{BlockSource, Piece, Server, ServerOptions};
+use vmdisk::qcow2::{Layout, Version};
 use vmdisk::qemu::{self, ConvertOptions};
 
 use super::{emit, human_bytes, mb_per_s};
@@ -147,6 +150,11 @@ pub async fn restore_disk_to(
             } else {
                 Vec::new()
             };
+            if let Some(stats) =
+                restore_qcow2_native(&repo, &index, &disk.name, partial, &options, progress).await?
+            {
+                return Ok(stats);
+            }
             qemu::create_image(partial, "qcow2", disk.virtual_size, &options)
                 .await
                 .ctx(ErrorKind::Target, || {
@@ -159,6 +167,89 @@ pub async fn restore_disk_to(
             format!("cannot restore into format '{other}'"),
         )),
     }
+}
+
+/// Restores `index` into `partial` (which does not exist yet) as a qcow2 image written by
+/// Lifeboat itself: [`vmdisk::qcow2::Layout`] places the stored chunks' data contiguously, in
+/// index order, after the metadata, which is written first; then the chunks are written like a
+/// raw restore's, only at their place in the image ([`Sink::Qcow2`]). No NBD hop and no
+/// `qemu-img` process: the image costs what a raw restore costs. `None` when the image's
+/// parameters (`cluster_size`, `compat` in `options`; QEMU's defaults 64 KiB and 1.1 when
+/// absent) are not ones the layout writes (a cluster larger than a chunk, say): the caller
+/// restores it through `qemu-img convert` instead.
+async fn restore_qcow2_native(
+    repo: &Arc<Repository>,
+    index: &Arc<DiskIndex>,
+    disk: &str,
+    partial: &Path,
+    options: &[(String, String)],
+    progress: &Progress,
+) -> Result<Option<DiskRestoreStats>> {
+    let option = |k: &str| {
+        options
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let Some(version) = Version::from_compat(option("compat").unwrap_or("1.1")) else {
+        return Ok(None);
+    };
+    let Some(cluster_size) = option("cluster_size").map_or(Some(65536), |v| v.parse().ok()) else {
+        return Ok(None);
+    };
+    // Lay out and write the metadata (a cluster at a time) on the blocking pool.
+    let (idx, path, name) = (index.clone(), partial.to_path_buf(), disk.to_string());
+    let created = blocking(move || {
+        let units = idx.stored().iter().map(|&(i, _)| i);
+        let chunk_size = u64::from(idx.chunk_size);
+        let layout = match Layout::new(version, cluster_size, idx.disk_size, chunk_size, units) {
+            Ok(l) => l,
+            Err(e) if e.kind() == vmdisk::ErrorKind::Unsupported => {
+                tracing::debug!(disk = name, reason = %e, "qcow2 restored through qemu-img convert");
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(Error::with_source(
+                    ErrorKind::Corrupt,
+                    format!("the index of disk '{name}' does not describe a disk"),
+                    e,
+                ))
+            }
+        };
+        let write = || -> std::io::Result<File> {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            file.set_len(layout.file_len())?;
+            for (off, bytes) in layout.metadata() {
+                file.write_all_at(&bytes, off)?;
+            }
+            Ok(file)
+        };
+        let file = write().ctx(ErrorKind::Target, || {
+            format!("cannot write the qcow2 metadata of '{}'", path.display())
+        })?;
+        Ok(Some((file, layout.unit_offset(0))))
+    })
+    .await?;
+    let Some((file, data_offset)) = created else {
+        return Ok(None);
+    };
+    let sink = Sink::Qcow2 {
+        file: Arc::new(file),
+        data_offset,
+    };
+    restore_disk(
+        repo.clone(),
+        index.clone(),
+        disk,
+        sink,
+        ZERO_BLOCK,
+        progress,
+    )
+    .await
+    .map(Some)
 }
 
 /// Restores `index` into `partial`, a freshly created qcow2 image, by pulling: the snapshot is

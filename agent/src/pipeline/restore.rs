@@ -1,5 +1,7 @@
-//! Restoring one disk from its index into a sparse raw image (qcow2 is restored by `qemu-img
-//! convert` reading the snapshot from Lifeboat's NBD server: see `commands::restore`).
+//! Restoring one disk from its index into a sparse raw image, or into a qcow2 image laid out by
+//! [`vmdisk::qcow2`] whose metadata the caller has written (the stored chunks' data in order
+//! after it; other qcow2 parameters are restored by `qemu-img convert` reading the snapshot
+//! from Lifeboat's NBD server: see `commands::restore`).
 //!
 //! Chunks are loaded, authenticated, decompressed and re-hashed in parallel on the blocking pool,
 //! each worker in its own reused buffers; each is written at its own offset (order does not
@@ -10,6 +12,10 @@
 //! written pages leave the page cache once written back, so a restore neither evicts the host's
 //! page cache nor grows it. The caller
 //! writes into a temporary file and renames it only on success.
+//!
+//! **Test hook**: `LIFEBOAT_TEST_RESTORE_CHUNK_DELAY_MS=N` makes every chunk of a restore sleep
+//! N ms before it is loaded; the e2e tests use it to interrupt a restore midway
+//! deterministically. Not for production use.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,12 +31,41 @@ use super::writeback::Writeback;
 use super::{chunk_range, concurrency};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 
+/// Environment variable of the chunk delay test hook (see the module docs).
+pub const TEST_CHUNK_DELAY_ENV: &str = "LIFEBOAT_TEST_RESTORE_CHUNK_DELAY_MS";
+
 /// Where restored chunks go.
 #[derive(Clone)]
 pub enum Sink {
-    /// A raw file, already sized to the disk (sparse). (qcow2 is restored by `qemu-img
-    /// convert` pulling from Lifeboat's NBD server: see `commands::restore`.)
+    /// A raw file, already sized to the disk (sparse): each chunk at its guest offset.
     File(Arc<File>),
+    /// A qcow2 image laid out by [`vmdisk::qcow2::Layout`] with the index's stored chunks as
+    /// its units, sized and with its metadata written: the `r`-th stored chunk at
+    /// `data_offset + r * chunk_size` ([`vmdisk::qcow2::Layout::unit_offset`]).
+    Qcow2 {
+        /// The image.
+        file: Arc<File>,
+        /// Where the first stored chunk's data starts.
+        data_offset: u64,
+    },
+}
+
+impl Sink {
+    /// The file written.
+    fn file(&self) -> &Arc<File> {
+        match self {
+            Sink::File(file) | Sink::Qcow2 { file, .. } => file,
+        }
+    }
+
+    /// Where in the file the chunk at guest offset `guest` goes, the `rank`-th stored chunk of
+    /// the index (chunks of `cs` bytes).
+    fn offset(&self, guest: u64, rank: u64, cs: u64) -> u64 {
+        match self {
+            Sink::File(_) => guest,
+            Sink::Qcow2 { data_offset, .. } => data_offset + rank * cs,
+        }
+    }
 }
 
 /// What a disk restore did.
@@ -136,81 +171,85 @@ pub async fn restore_disk(
     // (`rwsem_spin_on_owner` was 10 % of a raw restore's CPU profile).
     let write_turn = Arc::new(std::sync::Mutex::new(()));
     let writeback = Arc::new(Writeback::default());
+    let delay = std::env::var(TEST_CHUNK_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
 
-    let work = index.stored().iter().copied().map(|(idx, id)| {
-        let repo = repo.clone();
-        let sink = sink.clone();
-        let written = written.clone();
-        let chunks = chunks.clone();
-        let progress = progress.clone();
-        let write_turn = write_turn.clone();
-        let writeback = writeback.clone();
-        async move {
-            let (off, end) = chunk_range(idx, cs, size);
-            let len = end - off;
-            match sink {
-                Sink::File(file) => {
-                    tokio::task::spawn_blocking(move || -> Result<()> {
-                        with_checked_chunk(&repo, &id, len, |data| {
-                            let runs = nonzero_runs(data, zero_block);
-                            if runs.is_empty() {
-                                return Ok(());
-                            }
-                            let _turn = write_turn
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
-                            for &(s, e) in &runs {
-                                let at = off + s as u64;
-                                let piece = data.get(s..e).unwrap_or_default();
-                                file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
-                                    format!("cannot write {} bytes at offset {at}", e - s)
-                                })?;
-                            }
-                            drop(_turn);
-                            if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
-                                writeback.written(
-                                    &file,
-                                    off + first.0 as u64,
-                                    (last.1 - first.0) as u64,
-                                );
-                            }
-                            Ok(())
-                        })
+    let work = index
+        .stored()
+        .iter()
+        .copied()
+        .zip(0u64..)
+        .map(|((idx, id), rank)| {
+            let repo = repo.clone();
+            let sink = sink.clone();
+            let written = written.clone();
+            let chunks = chunks.clone();
+            let progress = progress.clone();
+            let write_turn = write_turn.clone();
+            let writeback = writeback.clone();
+            async move {
+                let (guest, end) = chunk_range(idx, cs, size);
+                let len = end - guest;
+                let off = sink.offset(guest, rank, cs);
+                let file = sink.file().clone();
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                    }
+                    with_checked_chunk(&repo, &id, len, |data| {
+                        let runs = nonzero_runs(data, zero_block);
+                        if runs.is_empty() {
+                            return Ok(());
+                        }
+                        let _turn = write_turn
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        for &(s, e) in &runs {
+                            let at = off + s as u64;
+                            let piece = data.get(s..e).unwrap_or_default();
+                            file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
+                                format!("cannot write {} bytes at offset {at}", e - s)
+                            })?;
+                        }
+                        drop(_turn);
+                        if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
+                            writeback.written(
+                                &file,
+                                off + first.0 as u64,
+                                (last.1 - first.0) as u64,
+                            );
+                        }
+                        Ok(())
                     })
-                    .await
-                    .map_err(|e| {
-                        Error::with_source(ErrorKind::Other, "a worker thread failed", e)
-                    })??;
-                }
+                })
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))??;
+                written.fetch_add(len, Ordering::Relaxed);
+                chunks.fetch_add(1, Ordering::Relaxed);
+                progress.add(len);
+                Ok::<(), Error>(())
             }
-            written.fetch_add(len, Ordering::Relaxed);
-            chunks.fetch_add(1, Ordering::Relaxed);
-            progress.add(len);
-            Ok::<(), Error>(())
-        }
-    });
+        });
     let mut stream = futures::stream::iter(work).buffer_unordered(concurrency());
     while let Some(r) = stream.next().await {
         r?;
     }
     drop(stream);
 
-    match &sink {
-        Sink::File(file) => {
-            let file = file.clone();
-            let writeback = writeback.clone();
-            tokio::task::spawn_blocking(move || {
-                file.sync_all()?;
-                writeback.finish(&file);
-                Ok::<_, std::io::Error>(())
-            })
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
-            .ctx(ErrorKind::Target, || {
-                "cannot flush the restored image".into()
-            })?;
-        }
-    }
+    let file = sink.file().clone();
+    let writeback = writeback.clone();
+    tokio::task::spawn_blocking(move || {
+        file.sync_all()?;
+        writeback.finish(&file);
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
+    .ctx(ErrorKind::Target, || {
+        "cannot flush the restored image".into()
+    })?;
 
     Ok(DiskRestoreStats {
         bytes_written: written.load(Ordering::Relaxed),

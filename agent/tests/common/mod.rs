@@ -317,6 +317,29 @@ pub fn assert_identical(a: &Path, b: &Path) {
     );
 }
 
+/// `qemu-img check` of a qcow2 image: no corruption and no leaked cluster.
+pub fn assert_qcow2_clean(image: &Path) {
+    let out = tool(
+        "qemu-img",
+        &["check", "-f", "qcow2", image.to_str().unwrap()],
+    );
+    assert!(
+        out.contains("No errors were found"),
+        "{}: {out}",
+        image.display()
+    );
+}
+
+/// Whether Lifeboat wrote the qcow2 image itself: its L1 table is the cluster right after the
+/// header (`qemu-img create` puts the refcount structures there and the L1 table after them).
+pub fn written_natively(image: &Path) -> bool {
+    let mut h = [0u8; 48];
+    std::io::Read::read_exact(&mut std::fs::File::open(image).unwrap(), &mut h).unwrap();
+    let cluster_bits = u32::from_be_bytes(h[20..24].try_into().unwrap());
+    let l1_offset = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    l1_offset == 1 << cluster_bits
+}
+
 /// `qemu-img info --output=json`.
 pub fn image_info(image: &Path) -> Value {
     let out = tool(
