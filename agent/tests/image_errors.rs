@@ -283,17 +283,7 @@ fn sigint_stops_backup_and_restore_cleanly() {
     let raw = env.path("random.raw");
     random_raw(&raw, 160);
     let img = env.path("big.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
+    convert_to_qcow2(&raw, &img, "");
     std::fs::remove_file(&raw).unwrap();
 
     // Backup: interrupt once chunks are being stored.

@@ -31,19 +31,7 @@ fn qcow2_round_trip_keeps_options_and_sparseness_and_dedups_second_backup() {
     let mixed = env.path("mixed.qcow2");
     mixed_image(SIZE_MIB, "qcow2", &mixed);
     let src = env.path("src.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=131072,compat=1.1",
-            mixed.to_str().unwrap(),
-            src.to_str().unwrap(),
-        ],
-    );
+    convert_to_qcow2(&mixed, &src, "cluster_size=131072,compat=1.1");
 
     let b1 = env.backup(&src, "vm1", "vda");
     assert_eq!(b1.mode, "full");
@@ -113,21 +101,7 @@ fn qcow2_restore_keeps_compat_0_10_and_small_clusters() {
     let src = env.path("old.qcow2");
     let mixed = env.path("mixed.raw");
     mixed_image(64, "raw", &mixed);
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=4096,compat=0.10",
-            mixed.to_str().unwrap(),
-            src.to_str().unwrap(),
-        ],
-    );
+    convert_to_qcow2(&mixed, &src, "cluster_size=4096,compat=0.10");
     env.backup(&src, "old", "vda");
     let out = env.path("out");
     env.restore("old@latest", &out, &[]);
@@ -209,19 +183,7 @@ fn qcow2_with_clusters_larger_than_a_chunk_restores_through_qemu_img() {
     let mixed = env.path("mixed.qcow2");
     mixed_image(SIZE_MIB, "qcow2", &mixed);
     let src = env.path("big.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=2097152",
-            mixed.to_str().unwrap(),
-            src.to_str().unwrap(),
-        ],
-    );
+    convert_to_qcow2(&mixed, &src, "cluster_size=2097152");
     env.backup(&src, "big", "vda");
     let out = env.path("out");
     env.restore("big@latest", &out, &[]);

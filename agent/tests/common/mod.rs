@@ -317,6 +317,16 @@ pub fn assert_identical(a: &Path, b: &Path) {
     );
 }
 
+/// `qemu-img convert -O qcow2 [-o OPTIONS] FROM TO` (source format probed: test images only).
+pub fn convert_to_qcow2(from: &Path, to: &Path, options: &str) {
+    let mut args = vec!["convert", "-q", "-O", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([from.to_str().unwrap(), to.to_str().unwrap()]);
+    tool("qemu-img", &args);
+}
+
 /// `qemu-img check` of a qcow2 image: no corruption and no leaked cluster.
 pub fn assert_qcow2_clean(image: &Path) {
     let out = tool(
