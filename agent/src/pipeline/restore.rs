@@ -7,7 +7,7 @@
 //! each worker in its own reused buffers; each is written at its own offset (order does not
 //! matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
 //! chunk, only the runs of blocks that hold a non-zero byte are: fewer bytes through the kernel,
-//! and a sparser result. Writeback of each written range starts at once ([`super::writeback`]),
+//! and a sparser result. Writeback of each written range starts at once (`pipeline::writeback`),
 //! so the disk works while chunks are still being decoded and dirty pages stay few, and the
 //! written pages leave the page cache once written back, so a restore neither evicts the host's
 //! page cache nor grows it. The caller

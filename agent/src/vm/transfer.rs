@@ -1,4 +1,4 @@
-//! The data part of a domain backup ([`job::Transfer`]): read every planned disk (and the NVRAM)
+//! The data part of a domain backup ([`job::Transfer`](super::job::Transfer)): read every planned disk (and the NVRAM)
 //! over NBD into the repository, then commit the snapshot with the job's facts.
 //!
 //! The same transfer serves a running domain (libvirt's pull-mode NBD server, one export per

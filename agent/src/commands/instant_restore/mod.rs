@@ -2,7 +2,7 @@
 //! snapshot within seconds, whatever its size, then move its data to local storage.
 //!
 //! 1. Every disk of the snapshot is served read-only over NBD by our own server
-//!    ([`vmdisk::nbd::Server`] over [`RepoSource`]) on a unix socket
+//!    ([`vmdisk::nbd::Server`] over [`RepoSource`](crate::pipeline::serve::RepoSource)) on a unix socket
 //!    `/run/lifeboat/instant/<id>/<disk>.sock` (mode 0666, so QEMU — user `libvirt-qemu` — can
 //!    connect). Zero chunks are holes for `base:allocation`, so QEMU never reads them.
 //! 2. For each disk a local qcow2 overlay `STORAGE/<NAME>/<disk>.qcow2` is created with the
@@ -39,7 +39,7 @@
 //!
 //! **Time to running** does not depend on the disk size: opening the repository and the
 //! manifest, rewriting the XML, starting the server (the indexes, one entry per chunk, load in
-//! the background: see [`RepoSource::lazy`]), creating the overlays (`qemu-img create -u`, which
+//! the background: see [`RepoSource::lazy`](crate::pipeline::serve::RepoSource::lazy)), creating the overlays (`qemu-img create -u`, which
 //! does not open the backing) and define+start are all O(1) in the size; each phase is logged
 //! and reported in `--json` (`phases`).
 //!
@@ -47,31 +47,29 @@
 //! instant-restore then stops the VM, undefines it (the overlays are kept for inspection) and
 //! exits with the "corrupt" exit code.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use repo_format::{Manifest, Repository, SnapshotId};
+use repo_format::SnapshotId;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::watch;
-use vmdisk::nbd::{BlockSource, Server, ServerOptions};
 
 use super::restore::resolve;
 use super::{emit, human_bytes};
 use crate::cli::{GlobalOpts, InstantRestoreArgs};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
-use crate::libvirt::rewrite::{disk_has_backing, NewDisk};
-use crate::libvirt::Hypervisor;
-use crate::pipeline::serve::RepoSource;
+use crate::libvirt::rewrite::NewDisk;
 use crate::relocate::{self, Layout};
 use crate::repo::{self, blocking};
 use crate::socket_dirs;
 
-/// How long a block pull that stops without a repository failure is restarted (see
-/// `move_data`): covers QEMU's NBD reconnect backoff (up to 16 s) with a margin.
-const PULL_RETRY_WINDOW: Duration = Duration::from_secs(60);
+mod pull;
+mod serving;
+
+use pull::move_data;
+use serving::serve_lazy;
+pub(crate) use serving::{create_overlays, serve, Serving};
 
 /// Name of the state file in the VM's storage directory.
 pub const STATE_FILE: &str = "lifeboat-instant.json";
@@ -100,165 +98,6 @@ pub struct StateDisk {
     pub overlay: PathBuf,
     /// The NBD socket its backing file names.
     pub socket: PathBuf,
-}
-
-/// Fewest chunks cached per disk, whatever the budget: QEMU reads a chunk in many small pieces.
-const MIN_CACHE_CHUNKS_PER_DISK: usize = 4;
-
-/// The running NBD server: stops (and removes its sockets) when dropped.
-pub(crate) struct Serving {
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    sources: Vec<(String, Arc<RepoSource>)>,
-    index_loads: std::sync::Mutex<Vec<tokio::task::JoinHandle<std::result::Result<(), String>>>>,
-}
-
-impl Serving {
-    /// Waits until every index is loaded; the first failure is a "corrupt" error.
-    pub(crate) async fn wait_indexes(&self) -> Result<()> {
-        let loads: Vec<_> = match self.index_loads.lock() {
-            Ok(mut l) => l.drain(..).collect(),
-            Err(_) => Vec::new(),
-        };
-        for l in loads {
-            l.await
-                .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
-                .map_err(|e| Error::new(ErrorKind::Corrupt, e))?;
-        }
-        Ok(())
-    }
-
-    /// An index that has already failed to load, if any (does not wait).
-    pub(crate) fn index_failure(&self) -> Option<String> {
-        self.sources
-            .iter()
-            .find_map(|(_, s)| s.index_state().and_then(|r| r.err()))
-    }
-
-    pub(crate) async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
-    }
-
-    pub(crate) fn failures(&self) -> Option<String> {
-        self.sources.iter().find_map(|(d, s)| {
-            let (n, last) = s.failures();
-            (n > 0).then(|| {
-                format!(
-                    "disk {d}: {n} failed reads, last: {}",
-                    last.unwrap_or_default()
-                )
-            })
-        })
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-/// Load every index, start serving each disk on its socket (fails if an index cannot be
-/// loaded).
-pub(crate) async fn serve(
-    repo: &Arc<Repository>,
-    manifest: &Manifest,
-    disks: &[StateDisk],
-    cache_chunks: usize,
-) -> Result<Serving> {
-    let serving = serve_lazy(repo, manifest, disks, cache_chunks).await?;
-    serving.wait_indexes().await?;
-    Ok(serving)
-}
-
-/// Start serving each disk on its socket at once; the indexes (O(disk size)) load in the
-/// background and requests that arrive earlier wait for them (see
-/// [`RepoSource::lazy`](crate::pipeline::serve::RepoSource::lazy)). Check
-/// [`Serving::index_failure`] / [`Serving::wait_indexes`] before relying on the data.
-pub(crate) async fn serve_lazy(
-    repo: &Arc<Repository>,
-    manifest: &Manifest,
-    disks: &[StateDisk],
-    cache_chunks: usize,
-) -> Result<Serving> {
-    let (stop, rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    let mut sources = Vec::new();
-    let mut index_loads = Vec::new();
-    // The cache budget is for the whole VM, so memory does not grow with the number of disks.
-    let per_disk_cache = (cache_chunks / disks.len().max(1)).max(MIN_CACHE_CHUNKS_PER_DISK);
-    for sd in disks {
-        let entry = manifest
-            .disks
-            .iter()
-            .find(|d| d.name == sd.target)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Corrupt,
-                    format!("snapshot has no disk '{}'", sd.target),
-                )
-            })?;
-        let src = Arc::new(RepoSource::lazy(repo.clone(), entry, per_disk_cache));
-        let loader = src.clone();
-        index_loads.push(tokio::task::spawn_blocking(move || {
-            loader.load_index().map(|_| ())
-        }));
-        let mut exports: HashMap<String, Arc<dyn BlockSource>> = HashMap::new();
-        exports.insert(sd.target.clone(), src.clone());
-        sources.push((sd.target.clone(), src));
-        let server = Arc::new(Server::new(exports, ServerOptions::default()));
-        if let Some(dir) = sd.socket.parent() {
-            std::fs::create_dir_all(dir).ctx(ErrorKind::Other, || {
-                format!("cannot create '{}'", dir.display())
-            })?;
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-        }
-        let listener = Server::bind_unix(&sd.socket)
-            .map_err(|e| Error::with_source(ErrorKind::Other, "cannot start the NBD server", e))?;
-        tasks.push(tokio::spawn(server.serve(
-            listener,
-            Some(sd.socket.clone()),
-            rx.clone(),
-        )));
-    }
-    Ok(Serving {
-        stop,
-        tasks,
-        sources,
-        index_loads: std::sync::Mutex::new(index_loads),
-    })
-}
-
-fn backing_uri(target: &str, socket: &Path) -> String {
-    format!("nbd+unix:///{target}?socket={}", socket.display())
-}
-
-/// Creates each disk's local qcow2 overlay backed by its NBD export (`disks` and
-/// `manifest.disks` in the same order).
-pub(crate) async fn create_overlays(manifest: &Manifest, disks: &[StateDisk]) -> Result<()> {
-    for (sd, d) in disks.iter().zip(&manifest.disks) {
-        let mut opts: Vec<(String, String)> = vec![
-            ("backing_file".into(), backing_uri(&sd.target, &sd.socket)),
-            ("backing_fmt".into(), "raw".into()),
-        ];
-        if d.format == "qcow2" {
-            if let Some(cs) = d.create_options.get("cluster_size") {
-                opts.push(("cluster_size".into(), cs.clone()));
-            }
-        }
-        // -u: do not open the backing (an NBD connection and a probe for nothing: size and
-        // backing format are known).
-        vmdisk::qemu::create_image_unchecked_backing(&sd.overlay, "qcow2", d.virtual_size, &opts)
-            .await
-            .ctx(ErrorKind::Target, || {
-                format!("cannot create the overlay '{}'", sd.overlay.display())
-            })?;
-    }
-    Ok(())
 }
 
 /// `lifeboat instant-restore`
@@ -495,195 +334,6 @@ fn write_state(dir: &Path, state: &State) -> Result<()> {
         .ctx(ErrorKind::Target, || {
             format!("cannot write '{}'", p.display())
         })
-}
-
-/// Pull every disk that still has a backing file; returns the time it took.
-async fn move_data(
-    global: &GlobalOpts,
-    state: &State,
-    serving: &Serving,
-    total: u64,
-) -> Result<Duration> {
-    let t = Instant::now();
-    let uri = state.uri.clone();
-    let name = state.name.clone();
-    let targets: Vec<String> = state.disks.iter().map(|d| d.target.clone()).collect();
-    let progress =
-        crate::pipeline::progress::Progress::new(!global.quiet && !global.json, total, "move");
-    let (active, pending) = {
-        let targets = targets.clone();
-        blocking(move || {
-            let hv = Hypervisor::connect(&uri).map_err(|e| lv(e, "cannot connect to libvirt"))?;
-            let dom = hv
-                .domain(&name)
-                .map_err(|e| lv(e, "cannot find the restored domain"))?;
-            let active = dom
-                .is_active()
-                .map_err(|e| lv(e, "cannot query the domain"))?;
-            let mut pending = Vec::new();
-            if active {
-                let xml = dom
-                    .xml(false)
-                    .map_err(|e| lv(e, "cannot read the live XML"))?;
-                for t in &targets {
-                    if disk_has_backing(&xml, t).map_err(|e| lv(e, "bad live XML"))? != Some(false)
-                    {
-                        if dom.block_job(t).map_err(|e| lv(e, "block job"))?.is_none() {
-                            dom.block_pull(t)
-                                .map_err(|e| lv(e, "cannot start the block pull"))?;
-                        }
-                        pending.push(t.clone());
-                    }
-                }
-            }
-            Ok((active, pending))
-        })
-        .await?
-    };
-    if !active {
-        // Shut off: finish offline, copying what the overlays lack while we serve it.
-        for d in &state.disks {
-            let info = vmdisk::qemu::image_info(&d.overlay)
-                .await
-                .ctx(ErrorKind::Target, || {
-                    format!("cannot inspect '{}'", d.overlay.display())
-                })?;
-            if info.raw.get("backing-filename").is_none() {
-                continue;
-            }
-            let out = tokio::process::Command::new("qemu-img")
-                .args(["rebase", "-q", "-f", "qcow2", "-b", ""])
-                .arg(&d.overlay)
-                .output()
-                .await
-                .ctx(ErrorKind::Other, || "cannot run qemu-img rebase".into())?;
-            if !out.status.success() {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "moving '{}' offline failed: {}{}",
-                        d.target,
-                        String::from_utf8_lossy(&out.stderr).trim(),
-                        serving
-                            .failures()
-                            .map(|f| format!(" ({f})"))
-                            .unwrap_or_default()
-                    ),
-                ));
-            }
-        }
-        progress.add(total);
-        progress.finish();
-        return Ok(t.elapsed());
-    }
-    // Poll the jobs.
-    let mut done_bytes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut remaining = pending;
-    let mut last_log = Instant::now();
-    // A pull that fails without a repository failure is restarted until this deadline: QEMU's
-    // NBD client may not have reconnected yet (after --resume, its background reconnect
-    // retries with a backoff of 1 s doubling up to 16 s; until then requests fail with EIO).
-    let retry_until = Instant::now() + PULL_RETRY_WINDOW;
-    while !remaining.is_empty() {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let uri = state.uri.clone();
-        let name = state.name.clone();
-        let rem = remaining.clone();
-        let status = blocking(move || {
-            let hv = Hypervisor::connect(&uri).map_err(|e| lv(e, "cannot connect to libvirt"))?;
-            let dom = hv
-                .domain(&name)
-                .map_err(|e| lv(e, "cannot find the restored domain"))?;
-            let mut out = Vec::new();
-            for t in &rem {
-                let job = dom.block_job(t).map_err(|e| lv(e, "block job"))?;
-                let backing = match job {
-                    Some(_) => None,
-                    None => {
-                        let xml = dom
-                            .xml(false)
-                            .map_err(|e| lv(e, "cannot read the live XML"))?;
-                        disk_has_backing(&xml, t).map_err(|e| lv(e, "bad live XML"))?
-                    }
-                };
-                out.push((t.clone(), job, backing));
-            }
-            let active = dom
-                .is_active()
-                .map_err(|e| lv(e, "cannot query the domain"))?;
-            Ok((out, active))
-        })
-        .await?;
-        let (status, dom_active) = status;
-        let mut still = Vec::new();
-        for (t, job, backing) in status {
-            match (job, backing) {
-                (Some((cur, end)), _) => {
-                    let prev = done_bytes.insert(t.clone(), cur).unwrap_or(0);
-                    progress.add(cur.saturating_sub(prev));
-                    if last_log.elapsed() > Duration::from_secs(5) {
-                        tracing::info!(disk = %t, "moved {} of {}", human_bytes(cur), human_bytes(end));
-                    }
-                    still.push(t);
-                }
-                (None, Some(false)) => {
-                    tracing::info!(disk = %t, "moved: no longer depends on the repository");
-                }
-                (None, _) if !dom_active => {
-                    return Err(Error::new(
-                        ErrorKind::Other,
-                        format!(
-                            "the VM stopped before disk '{t}' was moved: finish with instant-restore --resume"
-                        ),
-                    ));
-                }
-                (None, _) => {
-                    // The job ended but the backing is still there: the pull failed.
-                    let why = serving.failures();
-                    if why.is_some() {
-                        tracing::error!("the data of '{t}' cannot be read from the repository: stopping and undefining the VM (overlays kept)");
-                        relocate::undo_define(&state.uri, &state.name).await;
-                        return Err(Error::new(
-                            ErrorKind::Corrupt,
-                            format!(
-                                "moving disk '{t}' failed: {}; VM '{}' was stopped and undefined, its overlays are kept",
-                                why.unwrap_or_default(),
-                                state.name
-                            ),
-                        ));
-                    }
-                    if Instant::now() < retry_until {
-                        tracing::info!(disk = %t, "the block pull stopped early (NBD not reconnected yet?): restarting it");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        let (uri, name, t2) = (state.uri.clone(), state.name.clone(), t.clone());
-                        blocking(move || {
-                            let hv = Hypervisor::connect(&uri)
-                                .map_err(|e| lv(e, "cannot connect to libvirt"))?;
-                            let dom = hv
-                                .domain(&name)
-                                .map_err(|e| lv(e, "cannot find the restored domain"))?;
-                            dom.block_pull(&t2)
-                                .map_err(|e| lv(e, "cannot restart the block pull"))
-                        })
-                        .await?;
-                        done_bytes.remove(&t);
-                        still.push(t);
-                        continue;
-                    }
-                    return Err(Error::new(
-                        ErrorKind::Other,
-                        format!("the block pull of disk '{t}' stopped before completing: retry with --resume"),
-                    ));
-                }
-            }
-        }
-        if last_log.elapsed() > Duration::from_secs(5) {
-            last_log = Instant::now();
-        }
-        remaining = still;
-    }
-    progress.finish();
-    Ok(t.elapsed())
 }
 
 fn lv(e: crate::libvirt::LibvirtError, what: &str) -> Error {
