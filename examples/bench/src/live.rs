@@ -29,6 +29,7 @@ use lifeboat_e2e::{
     SYSTEM_URI, VM_ROOT,
 };
 
+use crate::diskstats;
 use crate::proc::{self, Timed};
 use crate::report::{Best, LiveFacts, Report};
 use crate::{dirty_offsets, rm, u64_at, Ctx, DIRTY_PIECE, MIB};
@@ -139,7 +140,7 @@ impl Drop for PullJob<'_> {
 }
 
 /// Ceiling: `nbdcopy` of libvirt's pull-mode export of vda (full, no checkpoint) to null:.
-fn nbd_ceiling(ctx: &Ctx, vm: &TestVm) -> Result<proc::Run> {
+fn nbd_ceiling(ctx: &Ctx, vm: &TestVm, facts: &mut LiveFacts) -> Result<proc::Run> {
     let dir = vm.dir.join("pull");
     rm(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -174,14 +175,24 @@ fn nbd_ceiling(ctx: &Ctx, vm: &TestVm) -> Result<proc::Run> {
     virsh(&vm.uri, &["backup-begin", &vm.name, &xml.to_string_lossy()])?;
     job.active = true;
     let uri = format!("nbd+unix:///vda?socket={}", sock.display());
+    let device = device_sampler(ctx);
     let r = proc::run_timeout(
         &["nbdcopy", &uri, "null:"],
         &[],
         &ctx.scratch,
         BACKUP_TIMEOUT,
     )?;
+    if let Some(u) = device.and_then(diskstats::Sampler::stop) {
+        facts.ceiling_device.push((r.secs, u));
+    }
     job.end()?;
     Ok(r)
+}
+
+/// Samples the work directory's block device (where the repositories and the domains' disks
+/// are), if it is one.
+fn device_sampler(ctx: &Ctx) -> Option<diskstats::Sampler> {
+    diskstats::device_of(&ctx.work).and_then(|d| diskstats::Sampler::start(&d))
 }
 
 /// `lifeboat backup VM --json` into `repo`: the run and its report.
@@ -214,7 +225,16 @@ pub fn round(
 ) -> Result<()> {
     let dirty_total = size / 100;
     let repo = ctx.work.join("repo-live");
-    let mut facts = LiveFacts::default();
+    let mut facts = LiveFacts {
+        device: diskstats::device_of(&ctx.work).map(|d| {
+            if diskstats::device_of(Path::new(VM_ROOT)).as_ref() == Some(&d) {
+                format!("`{d}`, which also holds the domains' disks")
+            } else {
+                format!("`{d}`; the domains' disks are on another device")
+            }
+        }),
+        ..LiveFacts::default()
+    };
 
     // Domain A: ceiling, Lifeboat full, 1 % dirty, Lifeboat incremental.
     eprintln!("  live: booting domain A...");
@@ -223,11 +243,15 @@ pub fn round(
         let (vm, boot_s) = boot("benchlb", image, size)?;
         facts.boot_secs.push(boot_s);
         eprintln!("  live: {} up in {boot_s:.1} s; NBD ceiling...", vm.name);
-        let r = nbd_ceiling(ctx, &vm)?;
+        let r = nbd_ceiling(ctx, &vm, &mut facts)?;
         rep.add("live.nbdcopy", Best::of(&r, 0));
         eprintln!("  live: lifeboat backup full...");
         ctx.init_repo(&repo)?;
+        let device = device_sampler(ctx);
         let (r, j) = lb_backup(ctx, &repo, &vm)?;
+        if let Some(u) = device.and_then(diskstats::Sampler::stop) {
+            facts.full_device.push((r.secs, u));
+        }
         if j["mode"] != "full" {
             bail!("first live backup was not full: {j}");
         }
@@ -279,7 +303,7 @@ pub fn round(
         eprintln!("  live: booting domain B for virtnbdbackup...");
         let (vm, boot_s) = boot("benchvnb", image, size)?;
         facts.boot_secs.push(boot_s);
-        let r = nbd_ceiling(ctx, &vm)?;
+        let r = nbd_ceiling(ctx, &vm, &mut facts)?;
         rep.add("live.nbdcopy", Best::of(&r, 0));
         let out = ctx.work.join("virtnbdbackup");
         rm(&out);

@@ -5,6 +5,7 @@
 //! as "not measured: <why>".
 
 mod cpu;
+mod diskstats;
 mod live;
 mod offline;
 mod proc;

@@ -72,6 +72,13 @@ pub struct LiveFacts {
     /// The step times (`steps_ms` of `lifeboat backup --json`) of the fastest live incremental,
     /// with its wall time.
     pub incr_steps: Option<(f64, Vec<(String, f64)>)>,
+    /// The work directory's device during each live full backup and each NBD ceiling run
+    /// (`/proc/diskstats`), with the run's wall time.
+    pub full_device: Vec<(f64, crate::diskstats::DeviceUse)>,
+    /// The same during each `nbdcopy` of the live export.
+    pub ceiling_device: Vec<(f64, crate::diskstats::DeviceUse)>,
+    /// That device, e.g. "`vda`, which also holds the domains' disks".
+    pub device: Option<String>,
 }
 
 /// Everything measured in a run.
@@ -219,6 +226,9 @@ impl Report {
         l.incr_read = l.incr_read.max(f.incr_read);
         l.incr_disk_secs.extend(f.incr_disk_secs);
         l.ir_reported_running.extend(f.ir_reported_running);
+        l.full_device.extend(f.full_device);
+        l.ceiling_device.extend(f.ceiling_device);
+        l.device = l.device.take().or(f.device);
         if let Some((secs, steps)) = f.incr_steps {
             if l.incr_steps.as_ref().is_none_or(|(best, _)| secs < *best) {
                 l.incr_steps = Some((secs, steps));

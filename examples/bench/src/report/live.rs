@@ -184,6 +184,7 @@ impl Report {
             max_rss as f64 / 1024.0
         );
         let _ = writeln!(s);
+        self.render_live_device(s, f);
         if let Some((secs, steps)) = &f.incr_steps {
             let listed: f64 = steps.iter().map(|(_, ms)| ms).sum();
             let parts: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms:.0}")).collect();
@@ -197,5 +198,39 @@ impl Report {
             );
             let _ = writeln!(s);
         }
+    }
+
+    /// What the work directory's device did during the fastest live full backup and the
+    /// fastest `nbdcopy` of the live export.
+    fn render_live_device(&self, s: &mut String, f: &LiveFacts) {
+        let fastest = |v: &[(f64, crate::diskstats::DeviceUse)]| {
+            v.iter().min_by(|x, y| x.0.total_cmp(&y.0)).map(|&(_, u)| u)
+        };
+        let Some(full) = fastest(&f.full_device) else {
+            return;
+        };
+        let ceiling = fastest(&f.ceiling_device)
+            .map(|c| {
+                format!(
+                    "; during the fastest `nbdcopy` of the live export: {} read, {} written, busy {:.0} % of its {:.2} s",
+                    size_h(c.read),
+                    size_h(c.written),
+                    c.busy * 100.0,
+                    c.secs
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "The repository's block device ({}; `/proc/diskstats` every 50 ms) during the fastest live full backup: {} read, {} written, {} flushes in {:.2} s; busy {:.0} % of the time, {:.2} s of it in 50 ms intervals at ≥ 90 % busy{ceiling}.",
+            f.device.as_deref().unwrap_or("?"),
+            size_h(full.read),
+            size_h(full.written),
+            full.flushes,
+            full.secs,
+            full.busy * 100.0,
+            full.saturated_secs,
+        );
+        let _ = writeln!(s);
     }
 }
