@@ -6,6 +6,8 @@
 //! - [`nbd`]: the NBD protocol — constants ([`nbd::proto`]), pure framing
 //!   ([`nbd::frame`]) and an async, pipelining [`Client`] that reads, writes and queries
 //!   block status (`base:allocation`, `qemu:dirty-bitmap:NAME`) over one connection.
+//! - [`qcow2`]: the layout and metadata bytes of a fresh qcow2 image whose allocated data is
+//!   known up front (pure; what `lifeboat restore` writes).
 //! - [`qemu`]: `qemu-img` helpers ([`qemu::image_info`], bitmaps, image creation) and
 //!   [`qemu::QemuNbd`], a supervised `qemu-nbd` serving one image on a private socket.
 //!
