@@ -43,9 +43,9 @@ pub fn parse(text: &str, name: &str) -> Option<Counters> {
 pub struct DeviceUse {
     /// Seconds sampled.
     pub secs: f64,
-    /// Bytes read from and written to the device.
+    /// Bytes read from the device.
     pub read: u64,
-    /// Bytes written.
+    /// Bytes written to the device.
     pub written: u64,
     /// Flush requests.
     pub flushes: u64,
