@@ -88,21 +88,12 @@ pub fn summarize(samples: &[(f64, Counters)]) -> Option<DeviceUse> {
 /// The kernel name (`vda`, `nvme0n1p2`) of the block device holding `dir`, if it is one.
 pub fn device_of(dir: &Path) -> Option<String> {
     let dev = std::fs::metadata(dir).ok()?.dev();
-    let (major, minor) = (libc_major(dev), libc_minor(dev));
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
     let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")).ok()?;
     uevent
         .lines()
         .find_map(|l| l.strip_prefix("DEVNAME="))
         .map(str::to_owned)
-}
-
-// glibc's gnu_dev_major/minor, for dev_t as `stat` returns it.
-fn libc_major(dev: u64) -> u64 {
-    ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)
-}
-
-fn libc_minor(dev: u64) -> u64 {
-    ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)
 }
 
 /// Samples a device every 50 ms until [`Sampler::stop`].
@@ -202,19 +193,5 @@ mod tests {
             u.saturated_secs
         );
         assert_eq!(summarize(&s[..1]), None);
-    }
-
-    #[test]
-    fn major_minor_like_glibc() {
-        // makedev(253, 1) and makedev(259, 65536) as glibc encodes them.
-        let mk = |ma: u64, mi: u64| {
-            ((ma & 0xffff_f000) << 32)
-                | ((ma & 0xfff) << 8)
-                | ((mi & 0xffff_ff00) << 12)
-                | (mi & 0xff)
-        };
-        assert_eq!((libc_major(mk(253, 1)), libc_minor(mk(253, 1))), (253, 1));
-        let d = mk(259, 65536);
-        assert_eq!((libc_major(d), libc_minor(d)), (259, 65536));
     }
 }
