@@ -23,6 +23,16 @@ pub fn concurrency() -> usize {
 
 pub use repo_format::is_zero;
 
+/// A test hook's per-chunk delay: environment variable `var` in milliseconds (unset, 0 or not
+/// a number: none). See the hooks in [`serve`] and [`restore`].
+fn test_delay(var: &str) -> Option<std::time::Duration> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
+
 /// The byte range `[start, end)` of chunk `idx` on a disk of `disk_size` bytes.
 pub fn chunk_range(idx: u64, chunk_size: u64, disk_size: u64) -> (u64, u64) {
     let start = idx.saturating_mul(chunk_size).min(disk_size);

@@ -171,10 +171,7 @@ pub async fn restore_disk(
     // (`rwsem_spin_on_owner` was 10 % of a raw restore's CPU profile).
     let write_turn = Arc::new(std::sync::Mutex::new(()));
     let writeback = Arc::new(Writeback::default());
-    let delay = std::env::var(TEST_CHUNK_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis);
+    let delay = super::test_delay(TEST_CHUNK_DELAY_ENV);
 
     let work = index
         .stored()

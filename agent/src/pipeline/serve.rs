@@ -111,11 +111,7 @@ impl RepoSource {
         chunk_size: u32,
         cache_chunks: usize,
     ) -> Self {
-        let chunk_delay = std::env::var(TEST_CHUNK_DELAY_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|ms| *ms > 0)
-            .map(Duration::from_millis);
+        let chunk_delay = super::test_delay(TEST_CHUNK_DELAY_ENV);
         RepoSource {
             repo,
             index,
