@@ -122,11 +122,9 @@ impl<I: Iterator<Item = u64> + Clone> Layout<I> {
             )));
         }
 
-        // One pass over the units: check them, count the data clusters and the L2 tables.
+        // Check the units and count their data clusters, then count the L2 tables they touch.
         let unit_count = size.div_ceil(unit);
         let mut data_clusters = 0u64;
-        let mut l2_tables = 0u64;
-        let mut last_table: Option<u64> = None;
         let mut prev: Option<u64> = None;
         for i in units.clone() {
             if prev.is_some_and(|p| i <= p) || i >= unit_count {
@@ -137,10 +135,9 @@ impl<I: Iterator<Item = u64> + Clone> Layout<I> {
             prev = Some(i);
             let (first, end) = unit_clusters(i, unit / cs, guest_clusters);
             data_clusters += end - first;
-            let (t0, t1) = (first / l2_entries, (end - 1) / l2_entries);
-            l2_tables += t1 - t0 + 1 - u64::from(last_table == Some(t0));
-            last_table = Some(t1);
         }
+        let l2_tables =
+            touched_tables(units.clone(), unit / cs, guest_clusters, l2_entries).count() as u64;
 
         // An empty disk has no L1 table (offset 0), as `qemu-img create` makes it.
         let l1_clusters = (l1_entries * 8).div_ceil(cs);
@@ -206,8 +203,7 @@ impl<I: Iterator<Item = u64> + Clone> Layout<I> {
     /// The metadata, cluster by cluster: `(offset, bytes)` pieces of one cluster each, to be
     /// written into a file of [`file_len`](Self::file_len) bytes that reads as zeros
     /// elsewhere. Pieces that would be all zero (unused table clusters) are left out. Memory:
-    /// one cluster at a time, plus the L1 table (at most 32 MiB, 256 KiB for a 16 TiB disk
-    /// at 64 KiB clusters).
+    /// one cluster at a time.
     pub fn metadata(&self) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
         let cs = self.cluster_size();
         std::iter::once((0, self.header()))
@@ -280,30 +276,35 @@ impl<I: Iterator<Item = u64> + Clone> Layout<I> {
         h
     }
 
+    /// The L1 table, cluster by cluster (clusters without an entry left out): entry `t` of
+    /// the `r`-th L2 table that exists points at `l2_offset + r * cs`.
     fn l1_table(&self) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
         let cs = self.cluster_size();
-        let l2_entries = cs / 8;
-        let mut l1 = vec![0u8; (self.l1_entries * 8).next_multiple_of(cs) as usize];
-        let mut rank = 0u64;
-        let mut last = None;
-        for (g, _) in self.mappings() {
-            let t = g / l2_entries;
-            if last != Some(t) {
-                let at = (t * 8) as usize;
+        let per_cluster = cs / 8;
+        let guest_clusters = self.size.div_ceil(cs);
+        let mut tables = touched_tables(
+            self.units.clone(),
+            self.unit / cs,
+            guest_clusters,
+            per_cluster,
+        )
+        .zip(0u64..)
+        .peekable();
+        std::iter::from_fn(move || {
+            let &(t0, _) = tables.peek()?;
+            let k = t0 / per_cluster;
+            let mut b = vec![0u8; cs as usize];
+            while let Some(&(t, rank)) = tables.peek() {
+                if t / per_cluster != k {
+                    break;
+                }
+                let at = ((t % per_cluster) * 8) as usize;
                 let entry = (self.l2_offset + rank * cs) | COPIED;
-                l1[at..at + 8].copy_from_slice(&entry.to_be_bytes());
-                rank += 1;
-                last = Some(t);
+                b[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+                tables.next();
             }
-        }
-        let l1_offset = self.l1_offset;
-        l1.chunks(cs as usize)
-            .enumerate()
-            .map(|(k, c)| (k as u64, c.to_vec()))
-            .filter(|(_, c)| c.iter().any(|&b| b != 0))
-            .map(move |(k, c)| (l1_offset + k * cs, c))
-            .collect::<Vec<_>>()
-            .into_iter()
+            Some((self.l1_offset + k * cs, b))
+        })
     }
 
     fn l2_tables(&self) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
@@ -328,6 +329,25 @@ impl<I: Iterator<Item = u64> + Clone> Layout<I> {
             Some(piece)
         })
     }
+}
+
+/// The L2 tables (indices into the L1 table, ascending, each once) that the clusters of
+/// `units` fall into (`per_unit` clusters each, `guest_clusters` on the disk, `l2_entries` per
+/// table).
+fn touched_tables(
+    units: impl Iterator<Item = u64>,
+    per_unit: u64,
+    guest_clusters: u64,
+    l2_entries: u64,
+) -> impl Iterator<Item = u64> {
+    let mut next = 0u64;
+    units.flat_map(move |i| {
+        let (first, end) = unit_clusters(i, per_unit, guest_clusters);
+        let t0 = (first / l2_entries).max(next);
+        let t1 = (end - 1) / l2_entries;
+        next = t1 + 1;
+        t0..=t1
+    })
 }
 
 /// The guest clusters `[first, end)` of unit `i` (`per_unit` clusters each; the disk has
