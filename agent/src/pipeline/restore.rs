@@ -236,7 +236,6 @@ pub async fn restore_disk(
     drop(stream);
 
     let file = sink.file().clone();
-    let writeback = writeback.clone();
     tokio::task::spawn_blocking(move || {
         file.sync_all()?;
         writeback.finish(&file);
