@@ -1,5 +1,6 @@
 //! Tests of framed chunk objects: hashing, round trips, updates, tampering.
 
+use super::open::{parse, Parsed};
 use super::*;
 
 const FS: usize = 64 << 10;
