@@ -1,4 +1,7 @@
 //! Command-line interface definitions (clap). Parsing only: the commands live in `commands/`.
+// The doc comments here are also clap's `--help` text, where `<time>`-style placeholders are the
+// convention; rustdoc would read them as unclosed HTML tags.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! same mixed disk image, interleaved in one run, and reports ratios. See `docs/BENCHMARKS.md`.
 //!
 //! Every number printed is measured in this run; a measurement that cannot be made is printed
-//! as "not measured: <why>".
+//! as `not measured: <why>`.
 
 mod cpu;
 mod diskstats;

@@ -112,7 +112,7 @@ impl std::fmt::Debug for FreezeHook {
 /// Facts about the job, stored with the snapshot.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobFacts {
-    /// "application-consistent" or "crash-consistent: <why>".
+    /// `"application-consistent"` or `"crash-consistent: <why>"`.
     pub quiesce: String,
     /// Freeze start → job started → thaw done; `None` when not frozen.
     pub freeze_window: Option<Duration>,
