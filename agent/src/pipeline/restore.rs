@@ -4,8 +4,8 @@
 //! from Lifeboat's NBD server: see `commands::restore`).
 //!
 //! Chunks are loaded, authenticated, decompressed and re-hashed in parallel on the blocking pool,
-//! each in a reused set of buffers (one set per chunk in flight); each is written at its own offset (order does not
-//! matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
+//! each in a reused set of buffers (one set per chunk in flight); each is written at its own
+//! offset (order does not matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
 //! chunk, only the runs of blocks that hold a non-zero byte are: fewer bytes through the kernel,
 //! and a sparser result. Writeback of each written range starts at once (`pipeline::writeback`),
 //! so the disk works while chunks are still being decoded and dirty pages stay few, and the
@@ -275,7 +275,23 @@ pub async fn restore_disk(
 
 #[cfg(test)]
 mod tests {
-    use super::nonzero_runs;
+    use super::{nonzero_runs, BufferPool};
+
+    #[test]
+    fn buffer_pool_holds_one_set_per_concurrent_user_and_reuses_them() {
+        let pool = BufferPool::default();
+        let barrier = std::sync::Barrier::new(3);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| pool.with(|_| barrier.wait()));
+            }
+        });
+        assert_eq!(pool.lock().len(), 3);
+        for _ in 0..10 {
+            pool.with(|_| ());
+        }
+        assert_eq!(pool.lock().len(), 3);
+    }
 
     #[test]
     fn nonzero_runs_merge_adjacent_blocks_and_keep_a_short_tail() {
