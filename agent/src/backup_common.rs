@@ -17,8 +17,10 @@ use serde_json::{json, Value};
 use vmdisk::nbd::{Client, ConnectOptions, NbdAddr};
 use vmdisk::qemu::ImageInfo;
 
+use crate::cli::LimitArgs;
 use crate::error::{repo_err, Result};
 use crate::pipeline::backup::{self, DiskBackupStats, Mode};
+use crate::pipeline::limit::Limits;
 use crate::pipeline::progress::Progress;
 use crate::repo::blocking;
 
@@ -102,23 +104,29 @@ pub async fn incremental_mode(
 }
 
 /// Read one disk through `clients` (connections to the same export, the first with the meta
-/// contexts; see [`connect_readers`]) into the repository (progress shown when `show`), then
-/// disconnect. The index is not stored yet.
+/// contexts; see [`connect_readers`]) into the repository (progress shown when `show`) within
+/// `limits`, then disconnect. The index is not stored yet.
 pub async fn read_disk(
     repo: Arc<Repository>,
     clients: Vec<Client>,
     mode: Mode,
     show: bool,
     label: &str,
+    limits: &Limits,
 ) -> Result<DiskBackupStats> {
     let size = clients.first().map_or(0, Client::size);
     let progress = Progress::new(show, size, label);
-    let stats = backup::backup_disk(repo, &clients, mode, &progress).await;
+    let stats = backup::backup_disk(repo, &clients, mode, &progress, limits).await;
     progress.finish();
     for c in clients {
         let _ = c.disconnect().await;
     }
     stats
+}
+
+/// The pipeline's limits for a run's `--limit-read` and `--cpus`.
+pub fn limits(args: &LimitArgs) -> Limits {
+    Limits::new(args.limit_read, args.cpus.map(usize::from))
 }
 
 /// Store a disk index; `what` names it in the error ("the disk index").

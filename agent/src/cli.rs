@@ -111,6 +111,9 @@ pub struct ProtectArgs {
     /// Internal/testing: take only the rollback point, without a backup.
     #[arg(long, hide = true)]
     pub no_backup: bool,
+    /// Limits on the backup's load on the host.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// `lifeboat rollback`
@@ -302,6 +305,26 @@ pub struct BackupImageArgs {
     /// that `restore --define` and `instant-restore` can recreate the VM.
     #[arg(long)]
     pub domain_xml: Option<PathBuf>,
+    /// Limits on the backup's load on the host.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits on a backup's load on the host (none by default: a backup uses every core and reads
+/// as fast as the disks and the repository allow).
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitArgs {
+    /// Read the disks at most at RATE bytes per second, all the disks being read together (a
+    /// VM's disks are read at once, VMs one after another; e.g. 200M or 200M/s = 200 MiB/s; K,
+    /// M, G, T are powers of 1024). Only allocated data is read.
+    /// For a running domain a lower rate makes the backup job last longer, and with it the
+    /// snapshot's copy-before-write scratch space on the host.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub limit_read: Option<u64>,
+    /// Hash, compress and encrypt at most N chunks at once: nearly all of a backup's CPU, so
+    /// about N cores (default: every chunk in flight, which keeps all cores busy).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub cpus: Option<u16>,
 }
 
 /// Quiescing policy for `backup`.
@@ -348,6 +371,9 @@ pub struct BackupArgs {
     /// A tag to attach to the snapshots (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Limits on the backup's load on the host.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// `lifeboat __thaw-guard` (internal).
@@ -523,9 +549,32 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// Parse a rate in bytes per second: a size ([`parse_size`]) with an optional `/s`, not zero.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let size = t.strip_suffix("/s").unwrap_or(t);
+    match parse_size(size)? {
+        0 => Err(format!(
+            "a rate of '{s}' would never finish; give at least 1 byte per second"
+        )),
+        n => Ok(n),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("200M"), Ok(200 << 20));
+        assert_eq!(parse_rate("200M/s"), Ok(200 << 20));
+        assert_eq!(parse_rate("1048576"), Ok(1 << 20));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("0M/s").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("5M/h").is_err());
+    }
 
     #[test]
     fn sizes() {

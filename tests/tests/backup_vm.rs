@@ -168,10 +168,14 @@ fn live_backup_incremental_failures_and_shut_off() -> Result<()> {
     )];
     let mut snaps = snaps;
 
-    // 2. Incremental after writing 8 MiB.
+    // 2. Incremental after writing 8 MiB, within limits on the host load: the reads of both
+    // disks are paced on one 4 MiB/s clock (≈ 2 s for the ≈ 9 MiB read, against ≈ 0.4 s for the
+    // whole command without it), and one chunk is sealed at a time.
     vm.exec_ok("dd if=/dev/urandom of=/mnt/vda/big bs=1M count=8 2>/dev/null && sync")?;
     files.push(("vda".into(), "/big".into(), guest_md5(&vm, "/mnt/vda/big")?));
-    let inc = repo.backup(&vm, &[])?;
+    let started = Instant::now();
+    let inc = repo.backup(&vm, &["--limit-read", "4M", "--cpus", "1"])?;
+    let took = started.elapsed();
     eprintln!("incremental: {inc:#}");
     let a = disk(&inc, "vda")?;
     ensure!(a["mode"] == "incremental", "{inc}");
@@ -179,6 +183,16 @@ fn live_backup_incremental_failures_and_shut_off() -> Result<()> {
     ensure!(
         (8 * MIB..=12 * MIB).contains(&read),
         "incremental read {read} bytes after 8 MiB written"
+    );
+    let read_all: u64 = inc["disks"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|d| d["bytes_read"].as_u64()).sum())
+        .unwrap_or(0);
+    // Only the first request (at most a 1 MiB chunk) starts without waiting for the clock.
+    let floor = Duration::from_secs_f64(read_all.saturating_sub(MIB) as f64 / (4 * MIB) as f64);
+    ensure!(
+        took >= floor,
+        "{read_all} bytes read at a limit of 4 MiB/s in {took:?} (at least {floor:?} expected)"
     );
     ensure!(inc["freeze_status_at_begin"] == "frozen");
     ensure!(vm.fsfreeze_status()? == "thawed");

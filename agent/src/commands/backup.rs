@@ -151,6 +151,7 @@ pub async fn backup_vm(
     let mut transfer = VmTransfer {
         repo: repo.clone(),
         show_progress: !global.quiet && !global.json,
+        limits: common::limits(&args.limits),
         name: name.to_string(),
         tags: args.tags.clone(),
         plans: plans.clone(),

@@ -279,7 +279,8 @@ async fn transfer(
     let incremental = matches!(mode, Mode::Incremental { .. });
 
     let show = !global.quiet && !global.json;
-    let stats = common::read_disk(repo.clone(), clients, mode, show, disk_name).await;
+    let limits = common::limits(&args.limits);
+    let stats = common::read_disk(repo.clone(), clients, mode, show, disk_name, &limits).await;
     let stop = nbd.stop().await;
     let stats = stats?;
     stop.ctx(ErrorKind::Source, || "qemu-nbd did not stop cleanly".into())?;

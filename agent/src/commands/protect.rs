@@ -138,6 +138,7 @@ pub async fn run(global: &GlobalOpts, args: ProtectArgs) -> Result<()> {
                 t.push("protect".into());
                 t
             },
+            limits: args.limits.clone(),
         };
         let hook_take = take.clone();
         let hook = FreezeHook(Arc::new(move || hook_take(None)));

@@ -16,6 +16,7 @@ use repo_format::{ChunkId, DiskIndex, Repository, SealedChunk};
 use vmdisk::extent::{self, RangeSet};
 use vmdisk::nbd::Client;
 
+use super::limit::Limits;
 use super::progress::Progress;
 use super::{chunk_count, chunk_range, concurrency, is_zero};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
@@ -72,12 +73,14 @@ pub async fn data_ranges(client: &Client) -> Result<RangeSet> {
     Ok(extent::data_ranges(&statuses))
 }
 
-/// Back up the disk exported by `clients` (one or more connections to the same export).
+/// Back up the disk exported by `clients` (one or more connections to the same export), within
+/// `limits` (read rate, chunks sealed at once).
 pub async fn backup_disk(
     repo: Arc<Repository>,
     clients: &[Client],
     mode: Mode,
     progress: &Progress,
+    limits: &Limits,
 ) -> Result<DiskBackupStats> {
     let start = Instant::now();
     let first = clients
@@ -150,6 +153,7 @@ pub async fn backup_disk(
             let chunks_processed = chunks_processed.clone();
             let progress = progress.clone();
             let cpu_stage = cpu_stage.clone();
+            let limits = limits.clone();
             async move {
                 let (start, end) = chunk_range(idx, chunk_size, size);
                 let permit = cpu_stage
@@ -160,6 +164,7 @@ pub async fn backup_disk(
                     client: &client,
                     data: &data,
                     bytes_read: &bytes_read,
+                    limits: &limits,
                 };
                 let parent = base.get(idx);
                 let framed = match (parent, dirty, frame_size) {
@@ -185,6 +190,7 @@ pub async fn backup_disk(
                     }
                     None => {
                         let buf = reader.read(start, end).await?;
+                        let _place = limits.sealing_place().await;
                         blocking(move || {
                             let Some(buf) = buf.filter(|b| !is_zero(b)) else {
                                 return Ok(Stage::Done(None));
@@ -279,11 +285,13 @@ fn seal_new(
     seal().map(Stage::Store)
 }
 
-/// Reads byte ranges of the disk: only their allocated, non-zero extents go over NBD.
+/// Reads byte ranges of the disk: only their allocated, non-zero extents go over NBD, each
+/// request paced by the read limit.
 struct Reader<'a> {
     client: &'a Client,
     data: &'a RangeSet,
     bytes_read: &'a AtomicU64,
+    limits: &'a Limits,
 }
 
 impl Reader<'_> {
@@ -299,6 +307,7 @@ impl Reader<'_> {
         for (s, e) in pieces.iter() {
             let n = u32::try_from(e - s)
                 .map_err(|_| Error::new(ErrorKind::Other, "chunk piece larger than 4 GiB"))?;
+            self.limits.before_read(u64::from(n)).await;
             let bytes = self.client.read(s, n).await.ctx(ErrorKind::Source, || {
                 format!("cannot read {n} bytes at offset {s} from the disk export")
             })?;
@@ -384,6 +393,7 @@ async fn frame_update(
         changed.push((f, buf));
     }
     let r = repo.clone();
+    let _place = reader.limits.sealing_place().await;
     blocking(move || {
         let refs: Vec<(usize, &[u8])> = changed.iter().map(|(f, b)| (*f, &b[..])).collect();
         r.seal_chunk_update(&frames, &refs)

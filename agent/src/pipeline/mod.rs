@@ -7,6 +7,7 @@
 //! connection keeps many reads in flight.
 
 pub mod backup;
+pub mod limit;
 pub mod progress;
 pub mod restore;
 pub mod serve;

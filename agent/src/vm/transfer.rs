@@ -16,6 +16,7 @@ use vmdisk::qemu::{ImageInfo, QemuNbd, QemuNbdOptions};
 use crate::backup_common as common;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::pipeline::backup::{DiskBackupStats, Mode, ALLOCATION_CONTEXT};
+use crate::pipeline::limit::Limits;
 use crate::vm::job::{JobFacts, Transfer};
 use crate::vm::plan::DiskPlan;
 
@@ -33,6 +34,8 @@ pub struct VmTransfer {
     pub repo: Arc<Repository>,
     /// Show progress on the terminal.
     pub show_progress: bool,
+    /// The limits on reading and sealing (shared by every disk of the domain).
+    pub limits: Limits,
     /// Snapshot name (the domain's name).
     pub name: String,
     /// Snapshot tags.
@@ -69,9 +72,15 @@ impl VmTransfer {
     }
 }
 
+/// How a disk is read: with progress shown or not, within the run's limits.
+struct ReadHow {
+    show: bool,
+    limits: Limits,
+}
+
 async fn read_one(
     repo: Arc<Repository>,
-    show: bool,
+    how: &ReadHow,
     addr_dir: &Source,
     path: PathBuf,
     format: &str,
@@ -122,7 +131,7 @@ async fn read_one(
         Some((_, pe)) => common::incremental_mode(&repo, pe.index, dirty).await?,
         None => Mode::Full,
     };
-    let stats = common::read_disk(repo, clients, mode, show, target).await;
+    let stats = common::read_disk(repo, clients, mode, how.show, target, &how.limits).await;
     if let Some(n) = nbd {
         let _ = n.stop().await;
     }
@@ -131,7 +140,10 @@ async fn read_one(
 
 impl Transfer for VmTransfer {
     async fn transfer(&mut self) -> Result<()> {
-        let show = self.show_progress;
+        let how = ReadHow {
+            show: self.show_progress,
+            limits: self.limits.clone(),
+        };
         let futs = self.plans.iter().map(|p| {
             let inc = if p.incremental {
                 self.base.clone().zip(self.parent_entry(&p.disk.target))
@@ -140,7 +152,7 @@ impl Transfer for VmTransfer {
             };
             read_one(
                 self.repo.clone(),
-                show,
+                &how,
                 &self.source,
                 p.disk.path.clone(),
                 &p.disk.format,
@@ -161,9 +173,13 @@ impl Transfer for VmTransfer {
             std::fs::copy(&nv, &copy).ctx(ErrorKind::Source, || {
                 format!("cannot copy NVRAM {}", nv.display())
             })?;
+            let quiet = ReadHow {
+                show: false,
+                limits: self.limits.clone(),
+            };
             let st = read_one(
                 self.repo.clone(),
-                false,
+                &quiet,
                 &Source::Files(dir.clone()),
                 copy.clone(),
                 "raw",
