@@ -137,18 +137,19 @@ impl DiskIndex {
                 "entry {i} is beyond the {len} entries of this index"
             )));
         }
-        // Stable sort, then keep the last update of each entry.
+        // Stable sort, then keep the last update of each entry, in place (a full backup of a
+        // large disk has an update per chunk: no second list of them).
         updates.sort_by_key(|&(i, _)| i);
-        let mut last: Vec<(u64, Option<ChunkId>)> = Vec::with_capacity(updates.len());
-        for u in updates {
-            match last.last_mut() {
-                Some(l) if l.0 == u.0 => *l = u,
-                _ => last.push(u),
+        updates.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                *kept = *later;
             }
-        }
-        let mut stored = Vec::with_capacity(self.stored.len() + last.len());
+            same
+        });
+        let mut stored = Vec::with_capacity(self.stored.len() + updates.len());
         let mut old = self.stored.iter().copied().peekable();
-        for (i, entry) in last {
+        for (i, entry) in updates {
             while let Some(&(n, id)) = old.peek() {
                 if n >= i {
                     break;
