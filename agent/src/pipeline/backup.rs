@@ -92,6 +92,9 @@ pub async fn backup_disk(
 
     let data = data_ranges(first).await?;
     let allocated_bytes = data.total_len();
+    if let Some(warning) = index_memory_warning(allocated_bytes, chunk_size) {
+        tracing::warn!("{warning}");
+    }
 
     // Which chunks to read, and the index the new entries apply to (all zero for a full).
     let (to_visit, base, dirty_bytes) = match &mode {
@@ -255,6 +258,32 @@ pub async fn backup_disk(
     })
 }
 
+/// Bytes of memory per stored chunk while a backup builds a disk's index (the chunks read and
+/// the new index side by side; docs/BENCHMARKS.md, "peak RSS").
+const INDEX_PEAK_BYTES_PER_CHUNK: u64 = 88;
+
+/// Index memory beyond which a backup warns: what the 256 MiB memory target leaves beside the
+/// pipeline's own buffers.
+const INDEX_MEMORY_WARN: u64 = 192 << 20;
+
+/// A warning when a disk with `allocated` bytes of data in chunks of `chunk_size` needs more
+/// index memory than [`INDEX_MEMORY_WARN`].
+fn index_memory_warning(allocated: u64, chunk_size: u64) -> Option<String> {
+    let need = allocated
+        .div_ceil(chunk_size.max(1))
+        .saturating_mul(INDEX_PEAK_BYTES_PER_CHUNK);
+    (need > INDEX_MEMORY_WARN).then(|| {
+        let tib = allocated as f64 / (1u64 << 40) as f64;
+        let mib = need >> 20;
+        format!(
+            "this disk holds {tib:.1} TiB of data: its index needs about {mib} MiB of memory \
+             during the backup ({INDEX_PEAK_BYTES_PER_CHUNK} bytes per chunk of {} KiB); a \
+             repository with 4 times larger chunks (`repo init --chunk-size`) needs a quarter",
+            chunk_size >> 10
+        )
+    })
+}
+
 /// Runs blocking repository work (hashing, sealing, object I/O) off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -401,4 +430,21 @@ async fn frame_update(
     })
     .await
     .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_memory_warning;
+
+    #[test]
+    fn large_allocated_disks_warn_about_index_memory() {
+        const MIB: u64 = 1 << 20;
+        const TIB: u64 = 1 << 40;
+        assert_eq!(index_memory_warning(TIB, MIB), None);
+        assert_eq!(index_memory_warning(2 * TIB, MIB), None);
+        let w = index_memory_warning(3 * TIB, MIB).expect("3 TiB at 1 MiB chunks");
+        assert!(w.contains("3.0 TiB") && w.contains("264 MiB"), "{w}");
+        assert_eq!(index_memory_warning(3 * TIB, 4 * MIB), None);
+        assert!(index_memory_warning(u64::MAX, 0).is_some());
+    }
 }
