@@ -85,15 +85,17 @@ pub async fn connect_readers(
     Ok(clients)
 }
 
-/// Incremental mode reading the dirty extents of `context`, against the parent disk's index.
+/// Incremental mode reading the dirty extents of `context`, against the index of `parent`, the
+/// disk's entry in the parent snapshot.
 pub async fn incremental_mode(
     repo: &Arc<Repository>,
-    parent_index: IndexId,
+    parent: &DiskEntry,
     context: String,
 ) -> Result<Mode> {
     let r2 = repo.clone();
+    let (id, size, chunk_size) = (parent.index, parent.virtual_size, parent.chunk_size);
     let parent: DiskIndex = blocking(move || {
-        r2.load_index(&parent_index)
+        r2.load_index(&id, size, chunk_size)
             .map_err(|e| repo_err(e, "cannot load the previous snapshot's index"))
     })
     .await?;

@@ -56,7 +56,9 @@ fn served_snapshot_matches_nbdinfo_nbdcopy_and_qemu_img_compare() {
     let id = repo.resolve(&b.snapshot).unwrap();
     let manifest = repo.load_snapshot(&id).unwrap();
     let entry = manifest.disks.iter().find(|d| d.name == "vda").unwrap();
-    let index = repo.load_index(&entry.index).unwrap();
+    let index = repo
+        .load_index(&entry.index, entry.virtual_size, entry.chunk_size)
+        .unwrap();
     let source = Arc::new(RepoSource::lazy(repo.clone(), entry, 64));
     assert_eq!(source.size(), entry.virtual_size);
     assert!(source.index_state().is_none(), "lazy: nothing loaded yet");

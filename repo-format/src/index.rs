@@ -82,6 +82,24 @@ impl DiskIndex {
         Ok(disk_size.div_ceil(u64::from(chunk_size)))
     }
 
+    /// The largest encoding ([`DiskIndex::encode`]) of an index of a disk of `disk_size` bytes in
+    /// chunks of `chunk_size`: every entry a stored chunk (33 bytes; a run of zero entries takes
+    /// at most 11 bytes however long). The limit a reader gives the decompression of such an
+    /// index. Fails where [`DiskIndex::entry_count`] fails or the disk has too many chunks.
+    pub fn max_encoded_len(chunk_size: u32, disk_size: u64) -> Result<usize> {
+        let n = Self::entry_count(chunk_size, disk_size)?;
+        if n > Self::MAX_ENTRIES {
+            return Err(Error::invalid(format!(
+                "a disk of {disk_size} bytes has too many chunks of {chunk_size}"
+            )));
+        }
+        usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_mul(1 + 32))
+            .and_then(|b| b.checked_add(HEADER_LEN))
+            .ok_or_else(|| Error::invalid("index too large for this machine"))
+    }
+
     /// Number of entries (chunks covering the disk, stored or zero).
     pub fn len(&self) -> u64 {
         if self.chunk_size == 0 {

@@ -273,7 +273,7 @@ async fn transfer(
         })?;
 
     let mode = match (&dirty_ctx, parent_entry) {
-        (Some(ctx), Some(pe)) => common::incremental_mode(&repo, pe.index, ctx.clone()).await?,
+        (Some(ctx), Some(pe)) => common::incremental_mode(&repo, pe, ctx.clone()).await?,
         _ => Mode::Full,
     };
     let incremental = matches!(mode, Mode::Incremental { .. });

@@ -99,11 +99,11 @@ pub async fn restore_disk_to(
     progress: &Progress,
 ) -> Result<DiskRestoreStats> {
     let repo2 = repo.clone();
-    let idx = disk.index;
+    let (idx, size, chunk_size) = (disk.index, disk.virtual_size, disk.chunk_size);
     let name = disk.name.clone();
     let index = blocking(move || {
         repo2
-            .load_index(&idx)
+            .load_index(&idx, size, chunk_size)
             .map_err(|e| repo_err(e, format!("cannot load the index of disk '{name}'")))
     })
     .await?;

@@ -144,7 +144,7 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
                 }
             };
             for d in &m.disks {
-                match r.load_index(&d.index) {
+                match r.load_index(&d.index, d.virtual_size, d.chunk_size) {
                     Ok(ix) => {
                         if let Err(e) = crate::pipeline::restore::check_index(&ix, &d.name) {
                             problems.push(format!("snapshot {id} disk {}: {e}", d.name));

@@ -160,7 +160,7 @@ impl RepoSource {
         };
         let index = self
             .repo
-            .load_index(id)
+            .load_index(id, self.size, self.chunk_size)
             .map_err(|e| format!("cannot load the index of disk '{name}': {e}"))?;
         crate::pipeline::restore::check_index(&index, name).map_err(|e| e.to_string())?;
         if index.disk_size != self.size || index.chunk_size != self.chunk_size {

@@ -128,7 +128,7 @@ async fn read_one(
             format!("cannot connect to the NBD export of disk {target}")
         })?;
     let mode = match incremental_from {
-        Some((_, pe)) => common::incremental_mode(&repo, pe.index, dirty).await?,
+        Some((_, pe)) => common::incremental_mode(&repo, &pe, dirty).await?,
         None => Mode::Full,
     };
     let stats = common::read_disk(repo, clients, mode, how.show, target, &how.limits).await;

@@ -38,19 +38,34 @@ impl Repository {
         Ok(id)
     }
 
-    /// Loads and verifies a disk index.
-    pub fn load_index(&self, id: &IndexId) -> Result<DiskIndex> {
+    /// Loads and verifies the index of a disk of `disk_size` bytes in chunks of `chunk_size`, as
+    /// its manifest entry says: the decompression limit follows that disk's chunk count (the
+    /// index of a fully allocated disk outgrows the limit of other metadata objects), and an
+    /// index of another disk size or chunk size is refused as corrupt.
+    pub fn load_index(&self, id: &IndexId, disk_size: u64, chunk_size: u32) -> Result<DiskIndex> {
         let key = index_key(id);
+        let limit = DiskIndex::max_encoded_len(chunk_size, disk_size)
+            .map_err(|e| e.wrap(format!("cannot load index {key}")))?
+            .max(magic::MAX_METADATA_OBJECT);
         let bytes = self.get_object(&key, "index")?;
         let plain = object::open(
             self.keys.as_ref(),
             magic::KIND_INDEX,
             id.as_bytes(),
             bytes,
-            magic::MAX_METADATA_OBJECT,
+            limit,
             &key,
         )?;
-        DiskIndex::decode(&plain).map_err(|e| e.wrap(format!("object {key} is corrupt")))
+        let index =
+            DiskIndex::decode(&plain).map_err(|e| e.wrap(format!("object {key} is corrupt")))?;
+        if index.disk_size != disk_size || index.chunk_size != chunk_size {
+            return Err(Error::corrupt(format!(
+                "object {key} is the index of a disk of {} bytes in chunks of {}, where its \
+                 snapshot has {disk_size} bytes in chunks of {chunk_size}",
+                index.disk_size, index.chunk_size
+            )));
+        }
+        Ok(index)
     }
 
     /// Commits a snapshot by writing its manifest, which must come after every chunk and index

@@ -15,6 +15,8 @@ struct Fixture {
     chunk: SealedChunk,
     snapshot: SnapshotId,
     index: IndexId,
+    /// The disk entry's size and chunk size (what a reader loads the index as).
+    shape: (u64, u32),
 }
 
 fn fixture(encrypted: bool) -> Fixture {
@@ -23,13 +25,14 @@ fn fixture(encrypted: bool) -> Fixture {
     let chunk = repo.try_seal_chunk(&data).unwrap();
     repo.store_chunk(&chunk).unwrap();
     let snapshot = backup(&repo, "vm", "2024-05-01T10:00:00Z", 11);
-    let index = repo.load_snapshot(&snapshot).unwrap().disks[0].index;
+    let disk = repo.load_snapshot(&snapshot).unwrap().disks[0].clone();
     Fixture {
         mem,
         repo,
         chunk,
         snapshot,
-        index,
+        index: disk.index,
+        shape: (disk.virtual_size, disk.chunk_size),
     }
 }
 
@@ -102,7 +105,13 @@ fn object_swap_is_corrupt() {
             ErrorKind::Corrupt
         );
         assert_eq!(
-            repo.load_index(&m.disks[0].index).unwrap_err().kind(),
+            repo.load_index(
+                &m.disks[0].index,
+                m.disks[0].virtual_size,
+                m.disks[0].chunk_size
+            )
+            .unwrap_err()
+            .kind(),
             ErrorKind::Corrupt
         );
         assert_eq!(
@@ -183,7 +192,7 @@ proptest! {
         f.mem.overwrite(&key, flip(&original, pos, xor));
         let kind = match which {
             0 => f.repo.load_chunk(&f.chunk.id).map(drop),
-            1 => f.repo.load_index(&f.index).map(drop),
+            1 => f.repo.load_index(&f.index, f.shape.0, f.shape.1).map(drop),
             _ => f.repo.load_snapshot(&f.snapshot).map(drop),
         }
         .unwrap_err()

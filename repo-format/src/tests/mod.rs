@@ -90,7 +90,13 @@ fn backup(repo: &Repository, name: &str, at: &str, seed: u8) -> SnapshotId {
 /// Reads a snapshot back and rebuilds its disk.
 fn restore(repo: &Repository, id: &SnapshotId) -> Vec<u8> {
     let m = repo.load_snapshot(id).unwrap();
-    let index = repo.load_index(&m.disks[0].index).unwrap();
+    let index = repo
+        .load_index(
+            &m.disks[0].index,
+            m.disks[0].virtual_size,
+            m.disks[0].chunk_size,
+        )
+        .unwrap();
     let mut disk = Vec::new();
     for i in 0..index.len() {
         let len = (index.disk_size - i * u64::from(CHUNK)).min(u64::from(CHUNK));

@@ -162,3 +162,34 @@ fn resolve_references() {
         );
     }
 }
+
+/// The index of a fully allocated disk with more chunks than fit in the metadata limit of
+/// small objects (64 MiB: ≈ 2 M entries of 33 bytes, ≈ 128 GiB at 64 KiB chunks, ≈ 2 TiB at
+/// 1 MiB) is stored and loaded back: the limit of an index follows its disk's chunk count.
+#[test]
+fn the_index_of_a_large_fully_allocated_disk_loads_back() {
+    let (_, repo) = mem_repo(true);
+    let n: u64 = 2_100_000;
+    let size = n * u64::from(CHUNK);
+    let updates = (0..n)
+        .map(|i| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&i.to_le_bytes());
+            b[8..16].copy_from_slice(&(!i).to_le_bytes());
+            (i, Some(ChunkId::from_bytes(b)))
+        })
+        .collect();
+    let index = DiskIndex::new_sparse(CHUNK, size)
+        .unwrap()
+        .with_updates(updates)
+        .unwrap();
+    assert!(index.encode().unwrap().len() > 64 << 20);
+    let id = repo.store_index(&index).unwrap();
+    let back = repo.load_index(&id, size, CHUNK).unwrap();
+    assert_eq!(back, index);
+    // Loaded as the index of another disk: corrupt, whatever the shape.
+    for (other_size, other_chunk) in [(size - 1, CHUNK), (size, 2 * CHUNK), (size / 2, CHUNK)] {
+        let e = repo.load_index(&id, other_size, other_chunk).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    }
+}
