@@ -131,6 +131,11 @@ pub fn limits(args: &LimitArgs) -> Limits {
     Limits::new(args.limit_read, args.cpus.map(usize::from))
 }
 
+/// The limits a backup ran with, for its `--json` output (`null`: none).
+pub fn limits_json(args: &LimitArgs) -> Value {
+    json!({ "read_bytes_per_s": args.limit_read, "cpus": args.cpus })
+}
+
 /// Store a disk index; `what` names it in the error ("the disk index").
 pub async fn store_index(repo: &Arc<Repository>, index: &DiskIndex, what: &str) -> Result<IndexId> {
     let r2 = repo.clone();

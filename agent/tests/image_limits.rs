@@ -29,6 +29,12 @@ fn limit_read_paces_the_transfer_and_keeps_the_data() {
     let elapsed = started.elapsed();
     let read = j["disks"][0]["bytes_read"].as_u64().unwrap();
     assert_eq!(read, 24 * MIB, "{j}");
+    assert_eq!(
+        j["limits"]["read_bytes_per_s"].as_u64(),
+        Some(8 * MIB),
+        "{j}"
+    );
+    assert!(j["limits"]["cpus"].is_null(), "{j}");
     // Every request but the first waits for its turn on the 8 MiB/s clock; requests are at most
     // one 1 MiB chunk, so the last one starts no earlier than (24 - 1) MiB / 8 MiB/s.
     let floor = Duration::from_secs_f64((read - MIB) as f64 / (8 * MIB) as f64);
@@ -63,6 +69,7 @@ fn cpus_limit_stores_the_same_chunks() {
         limited["disks"][0]["chunks_new"].as_u64().unwrap() > 0,
         "{limited}"
     );
+    assert_eq!(limited["limits"]["cpus"].as_u64(), Some(1), "{limited}");
     let out = env.path("out");
     env.restore("one-core@latest", &out, &[]);
     assert_identical(&src, &out.join("vda.qcow2"));

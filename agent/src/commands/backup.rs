@@ -258,6 +258,7 @@ pub async fn backup_vm(
         "notes": prep.notes,
         "warnings": facts.warnings,
         "seconds": started.elapsed().as_secs_f64(),
+        "limits": common::limits_json(&args.limits),
         "steps_ms": steps.0.iter().map(|(s, d)| json!({"step": s, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>(),
     });
     let text = format!(

@@ -325,6 +325,7 @@ async fn transfer(
         "mode": mode_str,
         "full_reason": plan.full_reason,
         "disks": [disk_json],
+        "limits": common::limits_json(&args.limits),
     });
     let text = format!(
         "snapshot {} of {}: {mode_str}{}\n  {disk_name}: {} in {} chunks, {:.1} s ({:.0} MB/s read)",
