@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use repo_format::{ChunkId, DiskIndex, Repository, SealedChunk};
-use vmdisk::extent::{self, RangeSet};
+use vmdisk::extent::{self, BlockStatus, RangeSet};
 use vmdisk::nbd::Client;
 
 use super::limit::Limits;
@@ -58,19 +58,40 @@ pub struct DiskBackupStats {
     pub elapsed: Duration,
 }
 
+/// A disk's block-status map is read in windows of this many bytes, each turned into ranges at
+/// once: memory follows the ranges kept (16 bytes each), not every extent of the disk (24 bytes
+/// each in the replies, and a fragmented disk has millions).
+const MAP_WINDOW: u64 = 4 << 30;
+
+/// The ranges `select` picks from the block status of the whole disk in metadata context
+/// `context`, read in windows of `window` bytes.
+async fn map_ranges(
+    client: &Client,
+    context: &str,
+    select: fn(&[BlockStatus]) -> RangeSet,
+    window: u64,
+) -> vmdisk::Result<RangeSet> {
+    let size = client.size();
+    let mut out = RangeSet::default();
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(window.max(1));
+        let statuses = client.block_status(context, offset, len).await?;
+        for (start, end) in select(&statuses).iter() {
+            out.insert(start, end);
+        }
+        offset += len;
+    }
+    Ok(out)
+}
+
 /// Map a disk's extents: the ranges that hold data (`base:allocation` minus zero extents).
 pub async fn data_ranges(client: &Client) -> Result<RangeSet> {
-    let size = client.size();
-    if size == 0 {
-        return Ok(RangeSet::default());
-    }
-    let statuses = client
-        .block_status(ALLOCATION_CONTEXT, 0, size)
+    map_ranges(client, ALLOCATION_CONTEXT, extent::data_ranges, MAP_WINDOW)
         .await
         .ctx(ErrorKind::Source, || {
             "cannot read the allocation map of the disk export".to_string()
-        })?;
-    Ok(extent::data_ranges(&statuses))
+        })
 }
 
 /// Back up the disk exported by `clients` (one or more connections to the same export), within
@@ -116,13 +137,11 @@ pub async fn backup_disk(
                     "the parent snapshot's index does not match this disk's size or chunk size",
                 ));
             }
-            let statuses = first
-                .block_status(context, 0, size)
+            let dirty = map_ranges(first, context, extent::dirty_ranges, MAP_WINDOW)
                 .await
                 .ctx(ErrorKind::Source, || {
                     format!("cannot read the dirty bitmap '{context}' of the disk export")
                 })?;
-            let dirty = extent::dirty_ranges(&statuses);
             let dirty_len = dirty.total_len();
             (dirty, parent.clone(), Some(dirty_len))
         }
@@ -433,8 +452,59 @@ async fn frame_update(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::index_memory_warning;
+    use super::{index_memory_warning, map_ranges, ALLOCATION_CONTEXT};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use vmdisk::extent;
+    use vmdisk::nbd::{
+        BlockSource, Client, ConnectOptions, MemorySource, NbdAddr, Server, ServerOptions,
+    };
+
+    /// The map read in windows of any size (aligned or not to the extents) is the map read in
+    /// one piece.
+    #[tokio::test]
+    async fn the_map_read_in_windows_is_the_whole_map() {
+        let block = 64 << 10;
+        let mut data = vec![0u8; 8 << 20];
+        for (i, b) in data.chunks_mut(block).enumerate() {
+            if i % 2 == 0 || (40..60).contains(&i) {
+                b[i % 7] = 1;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut exports: HashMap<String, Arc<dyn BlockSource>> = HashMap::new();
+        exports.insert("vda".into(), Arc::new(MemorySource::new(data, 64 << 10)));
+        let server = Arc::new(Server::new(exports, ServerOptions::default()));
+        let listener = Server::bind_unix(&path).unwrap();
+        let (_stop, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(server.serve(listener, Some(path.clone()), rx));
+        let client = Client::connect(
+            &NbdAddr::Unix(path),
+            ConnectOptions {
+                export: "vda".into(),
+                meta_contexts: vec![ALLOCATION_CONTEXT.into()],
+                ..ConnectOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let whole = extent::data_ranges(
+            &client
+                .block_status(ALLOCATION_CONTEXT, 0, client.size())
+                .await
+                .unwrap(),
+        );
+        assert!(whole.iter().count() > 40, "{whole:?}");
+        for window in [4096, 64 << 10, (1 << 20) + 4096, 3 << 20, 8 << 20, 1 << 40] {
+            let got = map_ranges(&client, ALLOCATION_CONTEXT, extent::data_ranges, window)
+                .await
+                .unwrap();
+            assert_eq!(got, whole, "window {window}");
+        }
+    }
 
     #[test]
     fn large_allocated_disks_warn_about_index_memory() {
