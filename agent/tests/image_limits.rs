@@ -16,16 +16,7 @@ fn limit_read_paces_the_transfer_and_keeps_the_data() {
     random_raw(&src, 24);
 
     let started = Instant::now();
-    let j = env.json(&[
-        "backup-image",
-        src.to_str().unwrap(),
-        "--name",
-        "paced",
-        "--disk",
-        "vda",
-        "--limit-read",
-        "8M/s",
-    ]);
+    let j = env.backup_json(&src, "paced", "vda", &["--limit-read", "8M/s"]);
     let elapsed = started.elapsed();
     let read = j["disks"][0]["bytes_read"].as_u64().unwrap();
     assert_eq!(read, 24 * MIB, "{j}");
@@ -54,17 +45,7 @@ fn cpus_limit_stores_the_same_chunks() {
     let src = env.path("mixed.qcow2");
     mixed_image(64, "qcow2", &src);
 
-    let limited = env.json(&[
-        "backup-image",
-        src.to_str().unwrap(),
-        "--name",
-        "one-core",
-        "--disk",
-        "vda",
-        "--no-track",
-        "--cpus",
-        "1",
-    ]);
+    let limited = env.backup_json(&src, "one-core", "vda", &["--no-track", "--cpus", "1"]);
     assert!(
         limited["disks"][0]["chunks_new"].as_u64().unwrap() > 0,
         "{limited}"
@@ -75,15 +56,7 @@ fn cpus_limit_stores_the_same_chunks() {
     assert_identical(&src, &out.join("vda.qcow2"));
 
     // The same image without the limit: every chunk is already there.
-    let free = env.json(&[
-        "backup-image",
-        src.to_str().unwrap(),
-        "--name",
-        "all-cores",
-        "--disk",
-        "vda",
-        "--no-track",
-    ]);
+    let free = env.backup_json(&src, "all-cores", "vda", &["--no-track"]);
     assert_eq!(free["disks"][0]["chunks_new"].as_u64(), Some(0), "{free}");
 }
 

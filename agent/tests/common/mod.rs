@@ -182,15 +182,22 @@ impl Env {
 
     /// `backup-image FILE --name NAME --disk DISK --json`; the disk's stats and the snapshot id.
     pub fn backup(&self, file: &Path, name: &str, disk: &str) -> Backup {
-        let j = self.json(&[
+        Backup::from_json(&self.backup_json(file, name, disk, &[]))
+    }
+
+    /// `backup-image FILE --name NAME --disk DISK [extra...] --json`, asserting success; the
+    /// whole document.
+    pub fn backup_json(&self, file: &Path, name: &str, disk: &str, extra: &[&str]) -> Value {
+        let mut a = vec![
             "backup-image",
             file.to_str().unwrap(),
             "--name",
             name,
             "--disk",
             disk,
-        ]);
-        Backup::from_json(&j)
+        ];
+        a.extend_from_slice(extra);
+        self.json(&a)
     }
 
     /// `restore REF --to DIR [extra...]`, asserting success.
