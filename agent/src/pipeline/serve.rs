@@ -162,12 +162,8 @@ impl RepoSource {
             .repo
             .load_index(id, self.size, self.chunk_size)
             .map_err(|e| format!("cannot load the index of disk '{name}': {e}"))?;
+        // `load_index` refuses an index of another size or chunk size than the entry's.
         crate::pipeline::restore::check_index(&index, name).map_err(|e| e.to_string())?;
-        if index.disk_size != self.size || index.chunk_size != self.chunk_size {
-            return Err(format!(
-                "the index of disk '{name}' does not match its size or chunk size"
-            ));
-        }
         Ok(Arc::new(index))
     }
 
