@@ -5,9 +5,9 @@
 //!
 //! Chunks are loaded, authenticated, decompressed and re-hashed in parallel on the blocking pool,
 //! each in a reused set of buffers (one set per chunk in flight); each is written at its own
-//! offset (order does not matter). The target is fresh (reads as zeros), so zero chunks are never written and, inside a
-//! chunk, only the runs of blocks that hold a non-zero byte are: fewer bytes through the kernel,
-//! and a sparser result. Writeback of each written range starts at once (`pipeline::writeback`),
+//! offset (order does not matter). The target is fresh (reads as zeros), so zero chunks are
+//! never written and, inside a chunk, only the runs of blocks that hold a non-zero byte are:
+//! fewer bytes through the kernel, and a sparser result. Writeback of each written range starts at once (`pipeline::writeback`),
 //! so the disk works while chunks are still being decoded and dirty pages stay few, and the
 //! written pages leave the page cache once written back, so a restore neither evicts the host's
 //! page cache nor grows it. The caller
