@@ -282,53 +282,50 @@ impl<I: Iterator<Item = u64> + Clone> Layout<I> {
         let cs = self.cluster_size();
         let per_cluster = cs / 8;
         let guest_clusters = self.size.div_ceil(cs);
-        let mut tables = touched_tables(
+        let tables = touched_tables(
             self.units.clone(),
             self.unit / cs,
             guest_clusters,
             per_cluster,
         )
         .zip(0u64..)
-        .peekable();
-        std::iter::from_fn(move || {
-            let &(t0, _) = tables.peek()?;
-            let k = t0 / per_cluster;
-            let mut b = vec![0u8; cs as usize];
-            while let Some(&(t, rank)) = tables.peek() {
-                if t / per_cluster != k {
-                    break;
-                }
-                let at = ((t % per_cluster) * 8) as usize;
-                let entry = (self.l2_offset + rank * cs) | COPIED;
-                b[at..at + 8].copy_from_slice(&entry.to_be_bytes());
-                tables.next();
-            }
-            Some((self.l1_offset + k * cs, b))
-        })
+        .map(move |(t, rank)| (t, (self.l2_offset + rank * cs) | COPIED));
+        table_clusters(tables, cs).map(move |(k, b)| (self.l1_offset + k * cs, b))
     }
 
     fn l2_tables(&self) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
         let cs = self.cluster_size();
-        let l2_entries = cs / 8;
-        let mut maps = self.mappings().peekable();
-        let mut rank = 0u64;
-        std::iter::from_fn(move || {
-            let &(g0, _) = maps.peek()?;
-            let t = g0 / l2_entries;
-            let mut b = vec![0u8; cs as usize];
-            while let Some(&(g, host)) = maps.peek() {
-                if g / l2_entries != t {
-                    break;
-                }
-                let at = ((g % l2_entries) * 8) as usize;
-                b[at..at + 8].copy_from_slice(&(host | COPIED).to_be_bytes());
-                maps.next();
-            }
-            let piece = (self.l2_offset + rank * cs, b);
-            rank += 1;
-            Some(piece)
-        })
+        let maps = self.mappings().map(|(g, host)| (g, host | COPIED));
+        // The L2 tables that exist, in order: the `r`-th at `l2_offset + r * cs`.
+        table_clusters(maps, cs)
+            .zip(0u64..)
+            .map(move |((_, b), rank)| (self.l2_offset + rank * cs, b))
     }
+}
+
+/// Packs table entries `(slot, value)` (slots ascending) into clusters of `cs` bytes, `cs / 8`
+/// big-endian entries each, the other slots zero: `(k, cluster)` for each cluster `k` of the
+/// table that holds an entry, in order.
+fn table_clusters(
+    entries: impl Iterator<Item = (u64, u64)>,
+    cs: u64,
+) -> impl Iterator<Item = (u64, Vec<u8>)> {
+    let per_cluster = cs / 8;
+    let mut entries = entries.peekable();
+    std::iter::from_fn(move || {
+        let &(s0, _) = entries.peek()?;
+        let k = s0 / per_cluster;
+        let mut b = vec![0u8; cs as usize];
+        while let Some(&(slot, value)) = entries.peek() {
+            if slot / per_cluster != k {
+                break;
+            }
+            let at = ((slot % per_cluster) * 8) as usize;
+            b[at..at + 8].copy_from_slice(&value.to_be_bytes());
+            entries.next();
+        }
+        Some((k, b))
+    })
 }
 
 /// The L2 tables (indices into the L1 table, ascending, each once) that the clusters of
