@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use repo_format::{
-    BackupMode, DiskEntry, DiskIndex, IndexId, Manifest, Repository, SnapshotId, SnapshotKind,
-};
+use repo_format::{BackupMode, DiskEntry, IndexId, Manifest, Repository, SnapshotId, SnapshotKind};
 use serde_json::{json, Value};
 use vmdisk::nbd::{Client, ConnectOptions, NbdAddr};
 use vmdisk::qemu::ImageInfo;
@@ -94,8 +92,8 @@ pub async fn incremental_mode(
 ) -> Result<Mode> {
     let r2 = repo.clone();
     let (id, size, chunk_size) = (parent.index, parent.virtual_size, parent.chunk_size);
-    let parent: DiskIndex = blocking(move || {
-        r2.load_index(&id, size, chunk_size)
+    let parent = blocking(move || {
+        r2.open_index(&id, size, chunk_size)
             .map_err(|e| repo_err(e, "cannot load the previous snapshot's index"))
     })
     .await?;
@@ -107,7 +105,7 @@ pub async fn incremental_mode(
 
 /// Read one disk through `clients` (connections to the same export, the first with the meta
 /// contexts; see [`connect_readers`]) into the repository (progress shown when `show`) within
-/// `limits`, then disconnect. The index is not stored yet.
+/// `limits`, then disconnect. The disk's index is stored, the snapshot not committed.
 pub async fn read_disk(
     repo: Arc<Repository>,
     clients: Vec<Client>,
@@ -134,14 +132,6 @@ pub fn limits(args: &LimitArgs) -> Limits {
 /// The limits a backup ran with, for its `--json` output (`null`: none).
 pub fn limits_json(args: &LimitArgs) -> Value {
     json!({ "read_bytes_per_s": args.limit_read, "cpus": args.cpus })
-}
-
-/// Store a disk index; `what` names it in the error ("the disk index").
-pub async fn store_index(repo: &Arc<Repository>, index: &DiskIndex, what: &str) -> Result<IndexId> {
-    let r2 = repo.clone();
-    let index = index.clone();
-    let msg = format!("cannot store {what}");
-    blocking(move || r2.store_index(&index).map_err(|e| repo_err(e, &msg))).await
 }
 
 /// Commit a snapshot's manifest.
@@ -213,7 +203,7 @@ pub fn disk_entry(
 ) -> DiskEntry {
     DiskEntry {
         name: name.to_string(),
-        virtual_size: stats.index.disk_size,
+        virtual_size: stats.disk_size,
         format: format.to_string(),
         chunk_size,
         index,
@@ -236,7 +226,7 @@ pub fn disk_entry(
 pub fn disk_json(name: &str, stats: &DiskBackupStats) -> Value {
     json!({
         "name": name,
-        "virtual_size": stats.index.disk_size,
+        "virtual_size": stats.disk_size,
         "allocated_bytes": stats.allocated_bytes,
         "dirty_bytes": stats.dirty_bytes,
         "bytes_read": stats.bytes_read,
@@ -251,7 +241,7 @@ pub fn sizes_text(stats: &DiskBackupStats) -> String {
     use crate::commands::human_bytes;
     format!(
         "{} virtual, {} allocated, read {}, stored {} new",
-        human_bytes(stats.index.disk_size),
+        human_bytes(stats.disk_size),
         human_bytes(stats.allocated_bytes),
         human_bytes(stats.bytes_read),
         human_bytes(stats.bytes_new),

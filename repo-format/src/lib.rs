@@ -73,11 +73,12 @@ pub use crypto::{KdfParams, KeyFile, KeySlotKind, Secret};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use framed::{FramedChunk, UpdatedChunk};
 pub use id::{BootTestId, ChunkId, IndexId, KeySlotId, SnapshotId};
-pub use index::DiskIndex;
+pub use index::{DiskIndex, IndexObject, IndexRoot, PAGE_ENTRIES};
 pub use manifest::{BackupMode, DiskEntry, Manifest, SnapshotKind};
 pub use repository::{
-    ChunkBuffers, ChunkHash, Encryption, InitOptions, KeySlotInfo, Repository, SealedChunk,
-    DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    ChunkBuffers, ChunkHash, Encryption, IndexPage, IndexPages, IndexWriter, InitOptions,
+    KeySlotInfo, Repository, SealedChunk, DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE,
+    DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 
 /// True when every byte of `buf` is zero.

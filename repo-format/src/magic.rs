@@ -66,8 +66,14 @@ pub const TAG_LEN: usize = 16;
 
 /// Magic bytes of the disk index plaintext ("LifeBoat IndeX").
 pub const INDEX_MAGIC: [u8; 4] = *b"LBIX";
-/// Version byte of the disk index plaintext.
+/// Version byte of a whole disk index (or of one page of a paged index).
 pub const INDEX_VERSION: u8 = 1;
+/// Version byte of the root of a paged disk index.
+pub const INDEX_ROOT_VERSION: u8 = 2;
+/// Index root record tag: a page whose entries are all zero (no object).
+pub const INDEX_PAGE_ZERO: u8 = 0x00;
+/// Index root record tag: a page stored as an index object (followed by its 32-byte id).
+pub const INDEX_PAGE_STORED: u8 = 0x01;
 /// Index record tag: a run of all-zero chunks (followed by a LEB128 count).
 pub const INDEX_TAG_ZERO_RUN: u8 = 0x00;
 /// Index record tag: one stored chunk (followed by its 32-byte id).

@@ -285,7 +285,7 @@ async fn transfer(
     let stats = stats?;
     stop.ctx(ErrorKind::Source, || "qemu-nbd did not stop cleanly".into())?;
 
-    let index_id = common::store_index(&repo, &stats.index, "the disk index").await?;
+    let index_id = stats.index;
 
     let mode_str = common::mode_name(incremental);
     let mut disk = common::disk_entry(

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use repo_format::{DiskEntry, DiskIndex, Manifest, Repository, SnapshotId};
+use repo_format::{DiskEntry, IndexPages, Manifest, Repository, SnapshotId};
 use serde_json::json;
 use vmdisk::nbd::{BlockSource, Piece, Server, ServerOptions};
 use vmdisk::qcow2::{Layout, Version};
@@ -27,7 +27,7 @@ use crate::cli::{GlobalOpts, ImageFormat, RestoreArgs};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 use crate::pipeline::chunk_range;
 use crate::pipeline::progress::Progress;
-use crate::pipeline::restore::{restore_disk, DiskRestoreStats, Sink, ZERO_BLOCK};
+use crate::pipeline::restore::{restore_disk, DiskRestoreStats, Sink, StoredEntries, ZERO_BLOCK};
 use crate::pipeline::serve::RepoSource;
 use crate::repo::{self, blocking};
 
@@ -103,20 +103,10 @@ pub async fn restore_disk_to(
     let name = disk.name.clone();
     let index = blocking(move || {
         repo2
-            .load_index(&idx, size, chunk_size)
+            .open_index(&idx, size, chunk_size)
             .map_err(|e| repo_err(e, format!("cannot load the index of disk '{name}'")))
     })
     .await?;
-    crate::pipeline::restore::check_index(&index, &disk.name)?;
-    if index.disk_size != disk.virtual_size {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "the index of disk '{}' does not match its recorded size",
-                disk.name
-            ),
-        ));
-    }
     let index = Arc::new(index);
     match format {
         "raw" => {
@@ -179,7 +169,7 @@ pub async fn restore_disk_to(
 /// restores it through `qemu-img convert` instead.
 async fn restore_qcow2_native(
     repo: &Arc<Repository>,
-    index: &Arc<DiskIndex>,
+    index: &Arc<IndexPages>,
     disk: &str,
     partial: &Path,
     options: &[(String, String)],
@@ -198,11 +188,12 @@ async fn restore_qcow2_native(
         return Ok(None);
     };
     // Lay out and write the metadata (a cluster at a time) on the blocking pool.
-    let (idx, path, name) = (index.clone(), partial.to_path_buf(), disk.to_string());
+    let stored = StoredEntries::load(repo.clone(), index.clone(), disk).await?;
+    let (size, chunk_size) = (index.disk_size(), u64::from(index.chunk_size()));
+    let (path, name) = (partial.to_path_buf(), disk.to_string());
     let created = blocking(move || {
-        let units = idx.stored().iter().map(|&(i, _)| i);
-        let chunk_size = u64::from(idx.chunk_size);
-        let layout = match Layout::new(version, cluster_size, idx.disk_size, chunk_size, units) {
+        let units = stored.iter();
+        let layout = match Layout::new(version, cluster_size, size, chunk_size, units) {
             Ok(l) => l,
             Err(e) if e.kind() == vmdisk::ErrorKind::Unsupported => {
                 tracing::debug!(disk = name, reason = %e, "qcow2 restored through qemu-img convert");
@@ -264,18 +255,18 @@ async fn restore_qcow2_native(
 /// qemu-img, and the restore with [`ErrorKind::Corrupt`] naming it.
 async fn restore_qcow2_by_convert(
     repo: Arc<Repository>,
-    index: Arc<DiskIndex>,
+    index: Arc<IndexPages>,
     disk: &str,
     partial: &Path,
     progress: &Progress,
 ) -> Result<DiskRestoreStats> {
     let start = Instant::now();
-    let size = index.disk_size;
-    let cs = u64::from(index.chunk_size);
-    let stored: Vec<u64> = index.stored().iter().map(|&(i, _)| i).collect();
+    let size = index.disk_size();
+    let cs = u64::from(index.chunk_size());
+    let stored = StoredEntries::load(repo.clone(), index.clone(), disk).await?;
     let bytes_stored: u64 = stored
         .iter()
-        .map(|&i| {
+        .map(|i| {
             let (s, e) = chunk_range(i, cs, size);
             e - s
         })
@@ -353,7 +344,7 @@ async fn restore_qcow2_by_convert(
     progress.add(size.saturating_sub(source.counted.load(Ordering::Relaxed)));
     Ok(DiskRestoreStats {
         bytes_written: bytes_stored,
-        chunks: stored.len() as u64,
+        chunks: stored.count(),
         elapsed: start.elapsed(),
     })
 }

@@ -5,12 +5,14 @@
 //! decompressed and re-hashed. All problems are reported (not just the first), with the snapshots
 //! they affect; any problem gives exit code 6.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use repo_format::{ChunkBuffers, ChunkId, DiskIndex, Repository, SnapshotId};
+use repo_format::{
+    ChunkBuffers, ChunkId, DiskEntry, DiskIndex, IndexId, IndexPage, Repository, SnapshotId,
+};
 use serde_json::json;
 
 use super::{emit, human_bytes, mb_per_s};
@@ -19,6 +21,30 @@ use crate::error::{repo_err, Error, ErrorKind, Result};
 use crate::pipeline::concurrency;
 use crate::pipeline::progress::Progress;
 use crate::repo::{self, blocking};
+
+/// The stored pages of disk `d`'s index (their object ids, in order; a whole index is one
+/// page), running `f` on each one not in `seen` yet, loaded, then added to `seen`.
+fn for_each_page(
+    r: &Repository,
+    d: &DiskEntry,
+    seen: &mut HashSet<IndexId>,
+    mut f: impl FnMut(IndexId, &DiskIndex),
+) -> repo_format::Result<Vec<IndexId>> {
+    let index = r.open_index(&d.index, d.virtual_size, d.chunk_size)?;
+    let mut pages = Vec::new();
+    for k in 0..index.page_count() {
+        let Some(IndexPage::Object(pid)) = index.page(k) else {
+            continue;
+        };
+        pages.push(pid);
+        if !seen.contains(&pid) {
+            let page = r.load_index_page(&index, k)?;
+            f(pid, &page);
+            seen.insert(pid);
+        }
+    }
+    Ok(pages)
+}
 
 /// Sets the flag when dropped.
 struct StopOnDrop(Arc<AtomicBool>);
@@ -129,12 +155,15 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
         v
     };
 
-    // Phase 1: manifests and indexes.
+    // Phase 1: manifests and indexes, a page at a time (a page or index that several snapshots
+    // share is read once): the referenced chunks, and the disks whose index could be read.
     let r = repo.clone();
     let ids2 = ids.clone();
-    let (problems, indexes) = blocking(move || {
+    let (problems, disks, referenced) = blocking(move || {
         let mut problems: Vec<String> = Vec::new();
-        let mut indexes: Vec<(SnapshotId, String, DiskIndex)> = Vec::new();
+        let mut disks: Vec<(SnapshotId, DiskEntry)> = Vec::new();
+        let mut referenced: BTreeSet<ChunkId> = BTreeSet::new();
+        let mut seen: HashSet<IndexId> = HashSet::new();
         for id in &ids2 {
             let m = match r.load_snapshot(id) {
                 Ok(m) => m,
@@ -143,15 +172,12 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
                     continue;
                 }
             };
-            for d in &m.disks {
-                match r.load_index(&d.index, d.virtual_size, d.chunk_size) {
-                    Ok(ix) => {
-                        if let Err(e) = crate::pipeline::restore::check_index(&ix, &d.name) {
-                            problems.push(format!("snapshot {id} disk {}: {e}", d.name));
-                        } else {
-                            indexes.push((*id, d.name.clone(), ix));
-                        }
-                    }
+            for d in m.disks {
+                let add = |_, page: &DiskIndex| {
+                    referenced.extend(page.stored().iter().map(|&(_, c)| c));
+                };
+                match for_each_page(&r, &d, &mut seen, add) {
+                    Ok(_) => disks.push((*id, d)),
                     Err(e) => problems.push(format!(
                         "snapshot {id} disk {}: index {}: {}",
                         d.name,
@@ -161,15 +187,10 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
                 }
             }
         }
-        Ok((problems, indexes))
+        Ok((problems, disks, referenced))
     })
     .await?;
     let mut problems = problems;
-
-    let referenced: BTreeSet<ChunkId> = indexes
-        .iter()
-        .flat_map(|(_, _, ix)| ix.stored().iter().map(|&(_, id)| id))
-        .collect();
 
     // Phase 2: existence.
     let r = repo.clone();
@@ -236,19 +257,44 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
         progress.finish();
     }
 
-    // Attribute bad chunks to snapshots.
+    // Attribute bad chunks to snapshots (a shared page counted once, its count reused).
     let mut affected: BTreeMap<String, usize> = BTreeMap::new();
+    let disk_count = disks.len();
     if !bad.is_empty() {
-        for (snap, disk, ix) in &indexes {
-            let n = ix
-                .stored()
-                .iter()
-                .filter(|(_, c)| bad.contains_key(c))
-                .count();
-            if n > 0 {
-                *affected.entry(format!("{snap} disk {disk}")).or_default() += n;
+        let (r, bad2) = (repo.clone(), bad.clone());
+        let (counts, failed) = blocking(move || {
+            let mut memo: HashMap<IndexId, usize> = HashMap::new();
+            let mut seen = HashSet::new();
+            let (mut counts, mut failed) = (Vec::new(), Vec::new());
+            for (snap, d) in &disks {
+                let count = |pid, page: &DiskIndex| {
+                    let n = page.stored().iter().filter(|(_, c)| bad2.contains_key(c));
+                    memo.insert(pid, n.count());
+                };
+                let r = for_each_page(&r, d, &mut seen, count).map(|pages| {
+                    pages
+                        .iter()
+                        .map(|p| memo.get(p).copied().unwrap_or(0))
+                        .sum()
+                });
+                match r {
+                    Ok(0) => {}
+                    Ok(n) => counts.push((format!("{snap} disk {}", d.name), n)),
+                    Err(e) => failed.push(format!(
+                        "snapshot {snap} disk {}: index {}: {}",
+                        d.name,
+                        d.index,
+                        crate::error::format_chain(&e)
+                    )),
+                }
             }
+            Ok((counts, failed))
+        })
+        .await?;
+        for (k, n) in counts {
+            *affected.entry(k).or_default() += n;
         }
+        problems.extend(failed);
     }
     for (id, why) in &bad {
         problems.push(format!("chunk {id}: {why}"));
@@ -258,7 +304,7 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
     let checked = bytes_checked.load(Ordering::Relaxed);
     let json = json!({
         "snapshots": ids.len(),
-        "indexes": indexes.len(),
+        "indexes": disk_count,
         "chunks_referenced": referenced.len(),
         "chunks_stored": existing.len(),
         "read_data": args.read_data,
@@ -271,7 +317,7 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
     let mut text = format!(
         "checked {} snapshots, {} disk indexes, {} referenced chunks ({} stored)",
         ids.len(),
-        indexes.len(),
+        disk_count,
         referenced.len(),
         existing.len()
     );

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use repo_format::{ChunkId, DiskIndex, Repository, SealedChunk};
+use repo_format::{ChunkId, DiskIndex, IndexId, IndexPages, Repository, SealedChunk};
 use vmdisk::extent::{self, BlockStatus, RangeSet};
 use vmdisk::nbd::Client;
 
 use super::limit::Limits;
 use super::progress::Progress;
-use super::{chunk_count, chunk_range, concurrency, is_zero};
+use super::{chunk_range, concurrency, is_zero};
 use crate::error::{repo_err, Context, Error, ErrorKind, Result};
 
 /// The allocation meta context every export offers.
@@ -32,16 +32,18 @@ pub enum Mode {
     Incremental {
         /// The dirty-bitmap meta context, e.g. `qemu:dirty-bitmap:backup-vda`.
         context: String,
-        /// The parent snapshot's index of this disk (same size and chunk size).
-        parent: Arc<DiskIndex>,
+        /// The parent snapshot's index of this disk (same size and chunk size), opened.
+        parent: Arc<IndexPages>,
     },
 }
 
 /// What a disk backup did.
 #[derive(Debug, Clone)]
 pub struct DiskBackupStats {
-    /// The finished index (not yet stored).
-    pub index: DiskIndex,
+    /// The disk's index, stored (its pages and root, or its one object).
+    pub index: IndexId,
+    /// Virtual size of the disk in bytes.
+    pub disk_size: u64,
     /// Bytes requested from the NBD server.
     pub bytes_read: u64,
     /// Bytes of sealed (compressed, encrypted) new chunk objects written.
@@ -58,44 +60,54 @@ pub struct DiskBackupStats {
     pub elapsed: Duration,
 }
 
-/// A disk's block-status map is read in windows of this many bytes, each turned into ranges at
-/// once: memory follows the ranges kept (16 bytes each), not every extent of the disk (24 bytes
-/// each in the replies, and a fragmented disk has millions).
+/// Block-status requests cover at most this many bytes, each reply turned into ranges at once:
+/// memory follows the ranges kept (16 bytes each), not every extent (24 bytes each in the
+/// replies, and a fragmented disk has millions).
 const MAP_WINDOW: u64 = 4 << 30;
 
-/// The ranges `select` picks from the block status of the whole disk in metadata context
-/// `context`, read in windows of `window` bytes.
+/// The ranges `select` picks from the block status of bytes `[start, end)` of the disk in
+/// metadata context `context`, asked for in windows of `window` bytes.
 async fn map_ranges(
     client: &Client,
     context: &str,
     select: fn(&[BlockStatus]) -> RangeSet,
+    (start, end): (u64, u64),
     window: u64,
 ) -> vmdisk::Result<RangeSet> {
-    let size = client.size();
+    let end = end.min(client.size());
     let mut out = RangeSet::default();
-    let mut offset = 0;
-    while offset < size {
-        let len = (size - offset).min(window.max(1));
+    let mut offset = start;
+    while offset < end {
+        let len = (end - offset).min(window.max(1));
         let statuses = client.block_status(context, offset, len).await?;
-        for (start, end) in select(&statuses).iter() {
-            out.insert(start, end);
+        for (s, e) in select(&statuses).iter() {
+            // A reply may describe bytes past the request: keep the window's.
+            let (s, e) = (s.max(offset), e.min(offset + len));
+            if s < e {
+                out.insert(s, e);
+            }
         }
         offset += len;
     }
     Ok(out)
 }
 
-/// Map a disk's extents: the ranges that hold data (`base:allocation` minus zero extents).
-pub async fn data_ranges(client: &Client) -> Result<RangeSet> {
-    map_ranges(client, ALLOCATION_CONTEXT, extent::data_ranges, MAP_WINDOW)
-        .await
-        .ctx(ErrorKind::Source, || {
-            "cannot read the allocation map of the disk export".to_string()
-        })
+/// Counters shared by a disk's chunk tasks.
+#[derive(Default)]
+struct Counters {
+    bytes_read: AtomicU64,
+    bytes_new: AtomicU64,
+    chunks_new: AtomicU64,
+    chunks_processed: AtomicU64,
 }
 
 /// Back up the disk exported by `clients` (one or more connections to the same export), within
-/// `limits` (read rate, chunks sealed at once).
+/// `limits` (read rate, chunks sealed at once), and store its index.
+///
+/// The disk is done a page of its index at a time ([`repo_format::PAGE_ENTRIES`] chunks, 64 GiB
+/// at 1 MiB chunks): the page's block status is read, its chunks are read and stored, and the
+/// page is written (an incremental leaves a page without dirty blocks as its parent's, without
+/// reading it). Memory holds one page's maps and entries, whatever the disk's size.
 pub async fn backup_disk(
     repo: Arc<Repository>,
     clients: &[Client],
@@ -109,198 +121,249 @@ pub async fn backup_disk(
         .ok_or_else(|| Error::new(ErrorKind::Other, "no NBD connection to read from"))?;
     let size = first.size();
     let chunk_size = u64::from(repo.chunk_size());
-    let n_chunks = chunk_count(size, chunk_size);
 
-    let data = data_ranges(first).await?;
-    let allocated_bytes = data.total_len();
-    if let Some(warning) = index_memory_warning(allocated_bytes, chunk_size) {
-        tracing::warn!("{warning}");
-    }
-
-    // Which chunks to read, and the index the new entries apply to (all zero for a full).
-    let (to_visit, base, dirty_bytes) = match &mode {
-        Mode::Full => (
-            data.clone(),
-            Arc::new(
-                DiskIndex::new_sparse(repo.chunk_size(), size)
-                    .map_err(|e| repo_err(e, format!("disk of {size} bytes is too large")))?,
-            ),
-            None,
-        ),
+    let (context, parent) = match &mode {
+        Mode::Full => (None, None),
         Mode::Incremental { context, parent } => {
-            if parent.len() != n_chunks
-                || u64::from(parent.chunk_size) != chunk_size
-                || parent.disk_size != size
-            {
+            if u64::from(parent.chunk_size()) != chunk_size || parent.disk_size() != size {
                 return Err(Error::new(
                     ErrorKind::Other,
                     "the parent snapshot's index does not match this disk's size or chunk size",
                 ));
             }
-            let dirty = map_ranges(first, context, extent::dirty_ranges, MAP_WINDOW)
-                .await
-                .ctx(ErrorKind::Source, || {
-                    format!("cannot read the dirty bitmap '{context}' of the disk export")
-                })?;
-            let dirty_len = dirty.total_len();
-            (dirty, parent.clone(), Some(dirty_len))
+            (Some(context.as_str()), Some(parent.clone()))
         }
     };
+    let mut writer = repo
+        .index_writer(repo.chunk_size(), size, parent)
+        .map_err(|e| repo_err(e, format!("disk of {size} bytes is too large")))?;
 
-    let bytes_read = Arc::new(AtomicU64::new(0));
-    let bytes_new = Arc::new(AtomicU64::new(0));
-    let chunks_new = Arc::new(AtomicU64::new(0));
-    let data = Arc::new(data);
-    let chunks_processed = Arc::new(AtomicU64::new(0));
-
-    // In an incremental, a dirty chunk whose parent is a framed object is read and sealed frame
-    // by frame: only the frames that hold a dirty block (see `frame_update`).
-    let frame_size = repo.frame_size().map(u64::from);
-    let dirty = matches!(mode, Mode::Incremental { .. }).then_some(&to_visit);
-
-    // Two bounds: at most `concurrency()` chunks are being read, hashed and sealed (the CPU
-    // stage), and the stream keeps twice that many in flight, so that while the CPU stage is
-    // full up to as many more sit in their object write + fsync (the store stage): chunks
-    // waiting for the device do not hold the CPU stage's places.
-    let cpu_stage = Arc::new(tokio::sync::Semaphore::new(concurrency()));
-    let mut results = futures::stream::iter(to_visit.chunks_touched(chunk_size).enumerate())
-        .map(|(n, idx)| {
-            let client = clients[n % clients.len()].clone();
-            let repo = repo.clone();
-            let data = data.clone();
-            let base = base.clone();
-            let bytes_read = bytes_read.clone();
-            let bytes_new = bytes_new.clone();
-            let chunks_new = chunks_new.clone();
-            let chunks_processed = chunks_processed.clone();
-            let progress = progress.clone();
-            let cpu_stage = cpu_stage.clone();
-            let limits = limits.clone();
-            async move {
-                let (start, end) = chunk_range(idx, chunk_size, size);
-                let permit = cpu_stage
-                    .acquire_owned()
+    let counters = Arc::new(Counters::default());
+    let mut allocated_bytes = 0;
+    let mut dirty_bytes = context.map(|_| 0);
+    for k in 0..writer.page_count() {
+        let (first_entry, entries) = writer.page_span(k);
+        let window = (
+            first_entry * chunk_size,
+            ((first_entry + entries) * chunk_size).min(size),
+        );
+        let data = map_ranges(
+            first,
+            ALLOCATION_CONTEXT,
+            extent::data_ranges,
+            window,
+            MAP_WINDOW,
+        )
+        .await
+        .ctx(ErrorKind::Source, || {
+            "cannot read the allocation map of the disk export".to_string()
+        })?;
+        allocated_bytes += data.total_len();
+        // Which chunks to read: the allocated ones, or in an incremental the dirty ones.
+        let (to_visit, dirty) = match context {
+            None => (data.clone(), None),
+            Some(context) => {
+                let dirty = map_ranges(first, context, extent::dirty_ranges, window, MAP_WINDOW)
                     .await
-                    .map_err(|e| Error::with_source(ErrorKind::Other, "pipeline closed", e))?;
-                let reader = Reader {
-                    client: &client,
-                    data: &data,
-                    bytes_read: &bytes_read,
-                    limits: &limits,
-                };
-                let parent = base.get(idx);
-                let framed = match (parent, dirty, frame_size) {
-                    (Some(pid), Some(dirty), Some(fs)) if end - start == chunk_size => {
-                        frame_update(&repo, &reader, dirty, pid, start, chunk_size, fs).await?
-                    }
-                    _ => None,
-                };
-                let r2 = repo.clone();
-                let stage = match framed {
-                    Some((sealed, all_zero)) => {
-                        blocking(move || {
-                            if all_zero {
-                                return Ok(Stage::Done(None));
-                            }
-                            let id = sealed.id;
-                            if parent == Some(id) {
-                                return Ok(Stage::Done(Some(id)));
-                            }
-                            seal_new(&r2, &id, || Ok(sealed))
-                        })
-                        .await?
-                    }
-                    None => {
-                        let buf = reader.read(start, end).await?;
-                        let _place = limits.sealing_place().await;
-                        blocking(move || {
-                            let Some(buf) = buf.filter(|b| !is_zero(b)) else {
-                                return Ok(Stage::Done(None));
-                            };
-                            let hash = r2.hash_chunk(&buf);
-                            let id = hash.id;
-                            if parent == Some(id) {
-                                return Ok(Stage::Done(Some(id)));
-                            }
-                            seal_new(&r2, &id, || {
-                                r2.try_seal_hashed(&hash, &buf)
-                                    .map_err(|e| repo_err(e, format!("cannot seal chunk {id}")))
-                            })
-                        })
-                        .await?
-                    }
-                };
-                drop(permit);
-                let entry = match stage {
-                    Stage::Done(entry) => entry,
-                    Stage::Store(sealed) => {
-                        let id = sealed.id;
-                        let written = blocking(move || {
-                            repo.store_chunk(&sealed)
-                                .map(|w| w.then_some(sealed.bytes.len() as u64))
-                                .map_err(|e| repo_err(e, format!("cannot store chunk {id}")))
-                        })
-                        .await?;
-                        if let Some(len) = written {
-                            bytes_new.fetch_add(len, Ordering::Relaxed);
-                            chunks_new.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some(id)
-                    }
-                };
-                chunks_processed.fetch_add(1, Ordering::Relaxed);
-                progress.add(end - start);
-                Ok::<_, Error>((idx, entry))
+                    .ctx(ErrorKind::Source, || {
+                        format!("cannot read the dirty bitmap '{context}' of the disk export")
+                    })?;
+                *dirty_bytes.get_or_insert(0) += dirty.total_len();
+                (dirty.clone(), Some(dirty))
             }
+        };
+        let mut updates = Vec::new();
+        if !to_visit.is_empty() {
+            // The parent's entries of this page (all zero in a full backup).
+            let (mut w, r) = (writer, repo.clone());
+            let (w, base) = blocking(move || {
+                let base = w
+                    .base_page(&r)
+                    .map_err(|e| repo_err(e, "cannot load the previous snapshot's index"))?;
+                Ok((w, base))
+            })
+            .await?;
+            writer = w;
+            let page = Page {
+                repo: &repo,
+                clients,
+                size,
+                first_entry,
+                base: &base,
+                data: Arc::new(data),
+                to_visit: &to_visit,
+                dirty: dirty.as_ref(),
+                counters: &counters,
+            };
+            updates = page.back_up(progress, limits).await?;
+        }
+        let (mut w, r) = (writer, repo.clone());
+        writer = blocking(move || {
+            w.write_page(&r, updates)
+                .map_err(|e| repo_err(e, "cannot store the disk's index"))?;
+            Ok(w)
         })
-        .buffer_unordered(concurrency() * 2);
-
-    // Only the chunks read change; every other entry keeps the base's (parent's, or zero).
-    let mut updates = Vec::new();
-    while let Some(done) = results.next().await {
-        updates.push(done?);
+        .await?;
     }
-    drop(results);
-    let index = base
-        .with_updates(updates)
-        .map_err(|e| repo_err(e, "cannot build the disk's index"))?;
+    let r = repo.clone();
+    let index = blocking(move || {
+        writer
+            .finish(&r)
+            .map_err(|e| repo_err(e, "cannot store the disk's index"))
+    })
+    .await?;
 
     Ok(DiskBackupStats {
         index,
-        bytes_read: bytes_read.load(Ordering::Relaxed),
-        bytes_new: bytes_new.load(Ordering::Relaxed),
-        chunks_new: chunks_new.load(Ordering::Relaxed),
-        chunks_processed: chunks_processed.load(Ordering::Relaxed),
+        disk_size: size,
+        bytes_read: counters.bytes_read.load(Ordering::Relaxed),
+        bytes_new: counters.bytes_new.load(Ordering::Relaxed),
+        chunks_new: counters.chunks_new.load(Ordering::Relaxed),
+        chunks_processed: counters.chunks_processed.load(Ordering::Relaxed),
         allocated_bytes,
         dirty_bytes,
         elapsed: start.elapsed(),
     })
 }
 
-/// Bytes of memory per stored chunk while a backup builds a disk's index (the chunks read and
-/// the new index side by side; docs/BENCHMARKS.md, "peak RSS").
-const INDEX_PEAK_BYTES_PER_CHUNK: u64 = 88;
+/// One page of a disk backup: its chunks to read and the parent's entries of it.
+struct Page<'a> {
+    repo: &'a Arc<Repository>,
+    clients: &'a [Client],
+    size: u64,
+    /// The page's first entry (chunk number on the disk).
+    first_entry: u64,
+    /// The parent's entries of the page (numbered from the page's first), or zero.
+    base: &'a Arc<DiskIndex>,
+    /// Allocated, non-zero ranges of the page's bytes.
+    data: Arc<RangeSet>,
+    /// The ranges whose chunks are read.
+    to_visit: &'a RangeSet,
+    /// In an incremental, the dirty ranges.
+    dirty: Option<&'a RangeSet>,
+    counters: &'a Arc<Counters>,
+}
 
-/// Index memory beyond which a backup warns: what the 256 MiB memory target leaves beside the
-/// pipeline's own buffers.
-const INDEX_MEMORY_WARN: u64 = 192 << 20;
+impl Page<'_> {
+    /// Reads, stores and returns the entries of the page's chunks to visit ((chunk number on
+    /// the disk, `None` when all zero)).
+    async fn back_up(
+        &self,
+        progress: &Progress,
+        limits: &Limits,
+    ) -> Result<Vec<(u64, Option<ChunkId>)>> {
+        let repo = self.repo;
+        let size = self.size;
+        let chunk_size = u64::from(repo.chunk_size());
+        // In an incremental, a dirty chunk whose parent is a framed object is read and sealed
+        // frame by frame: only the frames that hold a dirty block (see `frame_update`).
+        let frame_size = repo.frame_size().map(u64::from);
+        let dirty = self.dirty;
 
-/// A warning when a disk with `allocated` bytes of data in chunks of `chunk_size` needs more
-/// index memory than [`INDEX_MEMORY_WARN`].
-fn index_memory_warning(allocated: u64, chunk_size: u64) -> Option<String> {
-    let need = allocated
-        .div_ceil(chunk_size.max(1))
-        .saturating_mul(INDEX_PEAK_BYTES_PER_CHUNK);
-    (need > INDEX_MEMORY_WARN).then(|| {
-        let tib = allocated as f64 / (1u64 << 40) as f64;
-        let mib = need >> 20;
-        format!(
-            "this disk holds {tib:.1} TiB of data: its index needs about {mib} MiB of memory \
-             during the backup ({INDEX_PEAK_BYTES_PER_CHUNK} bytes per chunk of {} KiB); a \
-             repository with 4 times larger chunks (`repo init --chunk-size`) needs a quarter",
-            chunk_size >> 10
-        )
-    })
+        // Two bounds: at most `concurrency()` chunks are being read, hashed and sealed (the CPU
+        // stage), and the stream keeps twice that many in flight, so that while the CPU stage
+        // is full up to as many more sit in their object write + fsync (the store stage):
+        // chunks waiting for the device do not hold the CPU stage's places.
+        let cpu_stage = Arc::new(tokio::sync::Semaphore::new(concurrency()));
+        let mut results =
+            futures::stream::iter(self.to_visit.chunks_touched(chunk_size).enumerate())
+                .map(|(n, idx)| {
+                    let client = self.clients[n % self.clients.len()].clone();
+                    let repo = repo.clone();
+                    let data = self.data.clone();
+                    let counters = self.counters.clone();
+                    let progress = progress.clone();
+                    let cpu_stage = cpu_stage.clone();
+                    let limits = limits.clone();
+                    let parent = self.base.get(idx - self.first_entry);
+                    async move {
+                        let (start, end) = chunk_range(idx, chunk_size, size);
+                        let permit = cpu_stage.acquire_owned().await.map_err(|e| {
+                            Error::with_source(ErrorKind::Other, "pipeline closed", e)
+                        })?;
+                        let reader = Reader {
+                            client: &client,
+                            data: &data,
+                            bytes_read: &counters.bytes_read,
+                            limits: &limits,
+                        };
+                        let framed = match (parent, dirty, frame_size) {
+                            (Some(pid), Some(dirty), Some(fs)) if end - start == chunk_size => {
+                                frame_update(&repo, &reader, dirty, pid, start, chunk_size, fs)
+                                    .await?
+                            }
+                            _ => None,
+                        };
+                        let r2 = repo.clone();
+                        let stage = match framed {
+                            Some((sealed, all_zero)) => {
+                                blocking(move || {
+                                    if all_zero {
+                                        return Ok(Stage::Done(None));
+                                    }
+                                    let id = sealed.id;
+                                    if parent == Some(id) {
+                                        return Ok(Stage::Done(Some(id)));
+                                    }
+                                    seal_new(&r2, &id, || Ok(sealed))
+                                })
+                                .await?
+                            }
+                            None => {
+                                let buf = reader.read(start, end).await?;
+                                let _place = limits.sealing_place().await;
+                                blocking(move || {
+                                    let Some(buf) = buf.filter(|b| !is_zero(b)) else {
+                                        return Ok(Stage::Done(None));
+                                    };
+                                    let hash = r2.hash_chunk(&buf);
+                                    let id = hash.id;
+                                    if parent == Some(id) {
+                                        return Ok(Stage::Done(Some(id)));
+                                    }
+                                    seal_new(&r2, &id, || {
+                                        r2.try_seal_hashed(&hash, &buf).map_err(|e| {
+                                            repo_err(e, format!("cannot seal chunk {id}"))
+                                        })
+                                    })
+                                })
+                                .await?
+                            }
+                        };
+                        drop(permit);
+                        let entry = match stage {
+                            Stage::Done(entry) => entry,
+                            Stage::Store(sealed) => {
+                                let id = sealed.id;
+                                let written = blocking(move || {
+                                    repo.store_chunk(&sealed)
+                                        .map(|w| w.then_some(sealed.bytes.len() as u64))
+                                        .map_err(|e| {
+                                            repo_err(e, format!("cannot store chunk {id}"))
+                                        })
+                                })
+                                .await?;
+                                if let Some(len) = written {
+                                    counters.bytes_new.fetch_add(len, Ordering::Relaxed);
+                                    counters.chunks_new.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Some(id)
+                            }
+                        };
+                        counters.chunks_processed.fetch_add(1, Ordering::Relaxed);
+                        progress.add(end - start);
+                        Ok::<_, Error>((idx, entry))
+                    }
+                })
+                .buffer_unordered(concurrency() * 2);
+
+        // Only the chunks read change; every other entry keeps the base's (parent's, or zero).
+        let mut updates = Vec::new();
+        while let Some(done) = results.next().await {
+            updates.push(done?);
+        }
+        Ok(updates)
+    }
 }
 
 /// Runs blocking repository work (hashing, sealing, object I/O) off the async threads.
@@ -454,7 +517,7 @@ async fn frame_update(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{index_memory_warning, map_ranges, ALLOCATION_CONTEXT};
+    use super::{map_ranges, ALLOCATION_CONTEXT};
     use std::collections::HashMap;
     use std::sync::Arc;
     use vmdisk::extent;
@@ -498,23 +561,32 @@ mod tests {
                 .unwrap(),
         );
         assert!(whole.iter().count() > 40, "{whole:?}");
+        let all = (0, client.size());
         for window in [4096, 64 << 10, (1 << 20) + 4096, 3 << 20, 8 << 20, 1 << 40] {
-            let got = map_ranges(&client, ALLOCATION_CONTEXT, extent::data_ranges, window)
-                .await
-                .unwrap();
+            let got = map_ranges(
+                &client,
+                ALLOCATION_CONTEXT,
+                extent::data_ranges,
+                all,
+                window,
+            )
+            .await
+            .unwrap();
             assert_eq!(got, whole, "window {window}");
         }
-    }
-
-    #[test]
-    fn large_allocated_disks_warn_about_index_memory() {
-        const MIB: u64 = 1 << 20;
-        const TIB: u64 = 1 << 40;
-        assert_eq!(index_memory_warning(TIB, MIB), None);
-        assert_eq!(index_memory_warning(2 * TIB, MIB), None);
-        let w = index_memory_warning(3 * TIB, MIB).expect("3 TiB at 1 MiB chunks");
-        assert!(w.contains("3.0 TiB") && w.contains("264 MiB"), "{w}");
-        assert_eq!(index_memory_warning(3 * TIB, 4 * MIB), None);
-        assert!(index_memory_warning(u64::MAX, 0).is_some());
+        // A part of the disk (a page of the index) is the whole map's ranges cut to it.
+        let part = (3 << 20, 5 << 20);
+        let mut cut = vmdisk::extent::RangeSet::default();
+        cut.insert(part.0, part.1);
+        let got = map_ranges(
+            &client,
+            ALLOCATION_CONTEXT,
+            extent::data_ranges,
+            part,
+            1 << 20,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, whole.intersect(&cut));
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use repo_format::{ChunkBuffers, ChunkId, DiskIndex, Repository};
+use repo_format::{ChunkBuffers, ChunkId, IndexPages, Repository};
 
 use super::progress::Progress;
 use super::writeback::Writeback;
@@ -79,15 +79,88 @@ pub struct DiskRestoreStats {
     pub elapsed: Duration,
 }
 
-/// Check that an index is self-consistent before anything is written.
-pub fn check_index(index: &DiskIndex, disk: &str) -> Result<()> {
-    if index.validate().is_err() {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("the index of disk '{disk}' does not cover its size"),
-        ));
+/// The entries of a disk that hold a stored chunk, a bit each (at most 32 MiB, for the 2^28
+/// entries of the largest disk): what a qcow2 image's layout is computed from, without holding
+/// the disk's index.
+#[derive(Debug, Default)]
+pub struct StoredEntries {
+    words: Vec<u64>,
+    count: u64,
+}
+
+impl StoredEntries {
+    /// Reads every page of `index` once.
+    pub async fn load(repo: Arc<Repository>, index: Arc<IndexPages>, disk: &str) -> Result<Self> {
+        let disk = disk.to_string();
+        tokio::task::spawn_blocking(move || {
+            let words = usize::try_from(index.len().div_ceil(64)).unwrap_or(usize::MAX);
+            let mut out = StoredEntries {
+                words: vec![0; words],
+                count: 0,
+            };
+            for k in 0..index.page_count() {
+                let (first, _) = index.page_span(k);
+                let page = repo
+                    .load_index_page(&index, k)
+                    .map_err(|e| repo_err(e, format!("cannot load the index of disk '{disk}'")))?;
+                for &(n, _) in page.stored() {
+                    out.insert(first + n);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
     }
-    Ok(())
+
+    fn insert(&mut self, i: u64) {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        if let Some(word) = self.words.get_mut(w) {
+            if *word & (1 << b) == 0 {
+                *word |= 1 << b;
+                self.count += 1;
+            }
+        }
+    }
+
+    /// Number of stored entries.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The stored entries, ascending.
+    pub fn iter(&self) -> StoredIter<'_> {
+        StoredIter {
+            words: &self.words,
+            next_word: 0,
+            base: 0,
+            bits: 0,
+        }
+    }
+}
+
+/// Iterator over [`StoredEntries`].
+#[derive(Debug, Clone)]
+pub struct StoredIter<'a> {
+    words: &'a [u64],
+    next_word: usize,
+    base: u64,
+    bits: u64,
+}
+
+impl Iterator for StoredIter<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        while self.bits == 0 {
+            self.bits = *self.words.get(self.next_word)?;
+            self.base = self.next_word as u64 * 64;
+            self.next_word += 1;
+        }
+        let b = u64::from(self.bits.trailing_zeros());
+        self.bits &= self.bits - 1;
+        Some(self.base + b)
+    }
 }
 
 /// Decoding buffers for the chunks in flight: a worker takes a set, loads, decrypts and
@@ -168,19 +241,18 @@ pub fn nonzero_runs(data: &[u8], block: usize) -> Vec<(usize, usize)> {
     runs
 }
 
-/// Write every stored chunk of `index` into `sink`.
+/// Write every stored chunk of `index` into `sink`, a page of the index at a time.
 pub async fn restore_disk(
     repo: Arc<Repository>,
-    index: Arc<DiskIndex>,
+    index: Arc<IndexPages>,
     disk: &str,
     sink: Sink,
     zero_block: usize,
     progress: &Progress,
 ) -> Result<DiskRestoreStats> {
-    check_index(&index, disk)?;
     let start = Instant::now();
-    let cs = u64::from(index.chunk_size);
-    let size = index.disk_size;
+    let cs = u64::from(index.chunk_size());
+    let size = index.disk_size();
     let written = Arc::new(AtomicU64::new(0));
     let chunks = Arc::new(AtomicU64::new(0));
     // Buffered writes to one file serialise on the inode lock in the kernel anyway (ext4, xfs);
@@ -191,68 +263,82 @@ pub async fn restore_disk(
     let buffers = Arc::new(BufferPool::default());
     let delay = super::test_delay(TEST_CHUNK_DELAY_ENV);
 
-    let work = index
-        .stored()
-        .iter()
-        .copied()
-        .zip(0u64..)
-        .map(|((idx, id), rank)| {
-            let repo = repo.clone();
-            let sink = sink.clone();
-            let written = written.clone();
-            let chunks = chunks.clone();
-            let progress = progress.clone();
-            let write_turn = write_turn.clone();
-            let writeback = writeback.clone();
-            let buffers = buffers.clone();
-            async move {
-                let (guest, end) = chunk_range(idx, cs, size);
-                let len = end - guest;
-                let off = sink.offset(guest, rank, cs);
-                let file = sink.file().clone();
-                tokio::task::spawn_blocking(move || -> Result<()> {
-                    if let Some(d) = delay {
-                        std::thread::sleep(d);
-                    }
-                    with_checked_chunk(&repo, &buffers, &id, len, |data| {
-                        let runs = nonzero_runs(data, zero_block);
-                        if runs.is_empty() {
-                            return Ok(());
+    // The rank of a chunk among the disk's stored chunks (where a qcow2 sink places it).
+    let mut rank = 0u64;
+    for k in 0..index.page_count() {
+        let (first, _) = index.page_span(k);
+        let (r, i2) = (repo.clone(), index.clone());
+        let page = tokio::task::spawn_blocking(move || r.load_index_page(&i2, k))
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))?
+            .map_err(|e| repo_err(e, format!("cannot load the index of disk '{disk}'")))?;
+        let work = page
+            .stored()
+            .iter()
+            .copied()
+            .zip(rank..)
+            .map(|((n, id), rank)| {
+                let idx = first + n;
+                let repo = repo.clone();
+                let sink = sink.clone();
+                let written = written.clone();
+                let chunks = chunks.clone();
+                let progress = progress.clone();
+                let write_turn = write_turn.clone();
+                let writeback = writeback.clone();
+                let buffers = buffers.clone();
+                async move {
+                    let (guest, end) = chunk_range(idx, cs, size);
+                    let len = end - guest;
+                    let off = sink.offset(guest, rank, cs);
+                    let file = sink.file().clone();
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        if let Some(d) = delay {
+                            std::thread::sleep(d);
                         }
-                        let _turn = write_turn
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        for &(s, e) in &runs {
-                            let at = off + s as u64;
-                            let piece = data.get(s..e).unwrap_or_default();
-                            file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
-                                format!("cannot write {} bytes at offset {at}", e - s)
-                            })?;
-                        }
-                        drop(_turn);
-                        if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
-                            writeback.written(
-                                &file,
-                                off + first.0 as u64,
-                                (last.1 - first.0) as u64,
-                            );
-                        }
-                        Ok(())
+                        with_checked_chunk(&repo, &buffers, &id, len, |data| {
+                            let runs = nonzero_runs(data, zero_block);
+                            if runs.is_empty() {
+                                return Ok(());
+                            }
+                            let _turn = write_turn
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            for &(s, e) in &runs {
+                                let at = off + s as u64;
+                                let piece = data.get(s..e).unwrap_or_default();
+                                file.write_all_at(piece, at).ctx(ErrorKind::Target, || {
+                                    format!("cannot write {} bytes at offset {at}", e - s)
+                                })?;
+                            }
+                            drop(_turn);
+                            if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
+                                writeback.written(
+                                    &file,
+                                    off + first.0 as u64,
+                                    (last.1 - first.0) as u64,
+                                );
+                            }
+                            Ok(())
+                        })
                     })
-                })
-                .await
-                .map_err(|e| Error::with_source(ErrorKind::Other, "a worker thread failed", e))??;
-                written.fetch_add(len, Ordering::Relaxed);
-                chunks.fetch_add(1, Ordering::Relaxed);
-                progress.add(len);
-                Ok::<(), Error>(())
-            }
-        });
-    let mut stream = futures::stream::iter(work).buffer_unordered(concurrency());
-    while let Some(r) = stream.next().await {
-        r?;
+                    .await
+                    .map_err(|e| {
+                        Error::with_source(ErrorKind::Other, "a worker thread failed", e)
+                    })??;
+                    written.fetch_add(len, Ordering::Relaxed);
+                    chunks.fetch_add(1, Ordering::Relaxed);
+                    progress.add(len);
+                    Ok::<(), Error>(())
+                }
+            });
+        let mut stream = futures::stream::iter(work).buffer_unordered(concurrency());
+        while let Some(r) = stream.next().await {
+            r?;
+        }
+        drop(stream);
+        rank += page.stored().len() as u64;
     }
-    drop(stream);
 
     let file = sink.file().clone();
     tokio::task::spawn_blocking(move || {
@@ -275,7 +361,25 @@ pub async fn restore_disk(
 
 #[cfg(test)]
 mod tests {
-    use super::{nonzero_runs, BufferPool};
+    use super::{nonzero_runs, BufferPool, StoredEntries};
+
+    #[test]
+    fn stored_entries_iterate_ascending_across_words() {
+        let mut s = StoredEntries {
+            words: vec![0; 4],
+            count: 0,
+        };
+        let want = [0u64, 1, 63, 64, 130, 255];
+        for &i in want.iter().rev() {
+            s.insert(i);
+        }
+        s.insert(63);
+        s.insert(256); // beyond: ignored
+        assert_eq!(s.count(), want.len() as u64);
+        assert_eq!(s.iter().collect::<Vec<_>>(), want);
+        assert_eq!(s.iter().clone().count(), want.len());
+        assert_eq!(StoredEntries::default().iter().next(), None);
+    }
 
     #[test]
     fn buffer_pool_holds_one_set_per_concurrent_user_and_reuses_them() {

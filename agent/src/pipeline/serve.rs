@@ -7,12 +7,18 @@
 //! is an error for that read (the client gets `EIO`) and is counted in
 //! [`RepoSource::failures`], so the caller can fail loudly.
 //!
-//! **Lazy index** ([`RepoSource::lazy`]): the disk index is O(disk size) (one entry per chunk)
-//! to fetch, decrypt, decode and check, so instant restore does not wait for it before the VM
-//! starts. The export's size and block size come from the manifest; the index is loaded by
-//! [`RepoSource::load_index`] (called once in the background) and every read or block-status
-//! request that arrives earlier waits for that load to finish. An index that fails to load or
-//! does not match the manifest makes every read fail (counted in the failures).
+//! **Lazy index** ([`RepoSource::lazy`]): a whole disk index (up to 64 Ki chunks, or written by
+//! an earlier version) is O(disk size) to fetch, decrypt, decode and check, so instant restore
+//! does not wait for it before the VM starts. The export's size and block size come from the
+//! manifest; the index is opened by [`RepoSource::load_index`] (called once in the background)
+//! and every read or block-status request that arrives earlier waits for that to finish. An
+//! index that fails to load or does not match the manifest makes every read fail (counted in the
+//! failures).
+//!
+//! **Pages**: the pages of a paged index are loaded when a request first touches them and the
+//! last [`PAGE_CACHE`] of them are kept, so memory does not follow the disk's size. A page that
+//! fails to load fails the request (counted in the failures). A block-status request that misses
+//! the cache loads the page on the server's async thread (one object of at most 2.1 MiB).
 //!
 //! **Test hook**: `LIFEBOAT_TEST_SERVE_CHUNK_DELAY_MS=N` makes every chunk load of a
 //! `RepoSource` (i.e. only what the NBD server reads from the repository, not backup/restore)
@@ -25,34 +31,46 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use repo_format::{DiskIndex, IndexId, Repository};
+use repo_format::{ChunkId, DiskIndex, IndexId, IndexPages, Repository};
 use vmdisk::nbd::{BlockSource, Piece};
 
 /// Environment variable of the chunk-load delay test hook (see the module docs).
 pub const TEST_CHUNK_DELAY_ENV: &str = "LIFEBOAT_TEST_SERVE_CHUNK_DELAY_MS";
 
+/// Index pages kept by a [`RepoSource`] (each at most 2.6 MiB decoded).
+pub const PAGE_CACHE: usize = 4;
+
 /// A snapshot disk served from the repository.
 pub struct RepoSource {
     repo: Arc<Repository>,
-    index: OnceLock<std::result::Result<Arc<DiskIndex>, String>>,
+    index: OnceLock<std::result::Result<Arc<IndexPages>, String>>,
     /// For a lazy source: what to load (index id, disk name).
     pending: Option<(IndexId, String)>,
     size: u64,
     chunk_size: u32,
-    cache: Mutex<Lru>,
+    cache: Mutex<Lru<Bytes>>,
+    pages: Mutex<Lru<Arc<DiskIndex>>>,
     failures: AtomicU64,
     last_failure: Mutex<Option<String>>,
     chunk_delay: Option<Duration>,
 }
 
-struct Lru {
+struct Lru<V> {
     cap: usize,
-    map: HashMap<u64, Bytes>,
+    map: HashMap<u64, V>,
     order: VecDeque<u64>,
 }
 
-impl Lru {
-    fn get(&mut self, k: u64) -> Option<Bytes> {
+impl<V: Clone> Lru<V> {
+    fn new(cap: usize) -> Self {
+        Lru {
+            cap: cap.max(1),
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&mut self, k: u64) -> Option<V> {
         let v = self.map.get(&k).cloned()?;
         if let Some(p) = self.order.iter().position(|x| *x == k) {
             self.order.remove(p);
@@ -61,7 +79,7 @@ impl Lru {
         Some(v)
     }
 
-    fn put(&mut self, k: u64, v: Bytes) {
+    fn put(&mut self, k: u64, v: V) {
         if self.map.insert(k, v).is_none() {
             self.order.push_back(k);
         }
@@ -77,10 +95,9 @@ impl Lru {
 }
 
 impl RepoSource {
-    /// Serve `index` (checked by the caller with `check_index`) from `repo`, caching up to
-    /// `cache_chunks` chunks.
-    pub fn new(repo: Arc<Repository>, index: Arc<DiskIndex>, cache_chunks: usize) -> Self {
-        let (size, chunk_size) = (index.disk_size, index.chunk_size);
+    /// Serve `index` from `repo`, caching up to `cache_chunks` chunks.
+    pub fn new(repo: Arc<Repository>, index: Arc<IndexPages>, cache_chunks: usize) -> Self {
+        let (size, chunk_size) = (index.disk_size(), index.chunk_size());
         let cell = OnceLock::new();
         let _ = cell.set(Ok(index));
         Self::build(repo, cell, None, size, chunk_size, cache_chunks)
@@ -105,7 +122,7 @@ impl RepoSource {
 
     fn build(
         repo: Arc<Repository>,
-        index: OnceLock<std::result::Result<Arc<DiskIndex>, String>>,
+        index: OnceLock<std::result::Result<Arc<IndexPages>, String>>,
         pending: Option<(IndexId, String)>,
         size: u64,
         chunk_size: u32,
@@ -118,20 +135,18 @@ impl RepoSource {
             pending,
             size,
             chunk_size,
-            cache: Mutex::new(Lru {
-                cap: cache_chunks.max(1),
-                map: HashMap::new(),
-                order: VecDeque::new(),
-            }),
+            cache: Mutex::new(Lru::new(cache_chunks)),
+            pages: Mutex::new(Lru::new(PAGE_CACHE)),
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(None),
             chunk_delay,
         }
     }
 
-    /// Loads and checks the index (once; blocking; concurrent callers wait for the first).
-    /// A failure is counted once and makes every later read fail with the same message.
-    pub fn load_index(&self) -> std::result::Result<Arc<DiskIndex>, String> {
+    /// Opens the index (once; blocking; concurrent callers wait for the first): a whole index
+    /// is loaded, a paged one's root. A failure is counted once and makes every later read fail
+    /// with the same message.
+    pub fn load_index(&self) -> std::result::Result<Arc<IndexPages>, String> {
         let mut first_failure = false;
         let r = self
             .index
@@ -154,22 +169,41 @@ impl RepoSource {
             .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
     }
 
-    fn load_index_uncached(&self) -> std::result::Result<Arc<DiskIndex>, String> {
+    fn load_index_uncached(&self) -> std::result::Result<Arc<IndexPages>, String> {
         let Some((id, name)) = &self.pending else {
             return Err("no index".into());
         };
+        // `open_index` refuses an index of another size or chunk size than the entry's.
         let index = self
             .repo
-            .load_index(id, self.size, self.chunk_size)
+            .open_index(id, self.size, self.chunk_size)
             .map_err(|e| format!("cannot load the index of disk '{name}': {e}"))?;
-        // `load_index` refuses an index of another size or chunk size than the entry's.
-        crate::pipeline::restore::check_index(&index, name).map_err(|e| e.to_string())?;
         Ok(Arc::new(index))
     }
 
-    fn index(&self) -> vmdisk::Result<Arc<DiskIndex>> {
+    fn index(&self) -> vmdisk::Result<Arc<IndexPages>> {
         self.load_index()
             .map_err(|e| vmdisk::Error::new(vmdisk::ErrorKind::Io, e))
+    }
+
+    /// The chunk stored for entry `i` of the disk (`None`: zero), from its page of the index.
+    fn entry(&self, index: &IndexPages, i: u64) -> vmdisk::Result<Option<ChunkId>> {
+        let k = i / index.page_entries();
+        let (first, _) = index.page_span(k);
+        let cached = self.pages.lock().ok().and_then(|mut c| c.get(k));
+        let page = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.repo.load_index_page(index, k).map_err(|e| {
+                    self.fail(format!("cannot load page {k} of index {}: {e}", index.id()))
+                })?;
+                if let Ok(mut c) = self.pages.lock() {
+                    c.put(k, p.clone());
+                }
+                p
+            }
+        };
+        Ok(page.get(i - first))
     }
 
     /// How many reads failed (corrupt or missing chunks), and the last reason.
@@ -183,11 +217,11 @@ impl RepoSource {
             return Ok(b);
         }
         let index = self.index()?;
-        let cs = u64::from(index.chunk_size);
-        let id = index
-            .get(i)
+        let cs = u64::from(index.chunk_size());
+        let id = self
+            .entry(&index, i)?
             .ok_or_else(|| vmdisk::Error::new(vmdisk::ErrorKind::InvalidArgument, "no chunk"))?;
-        let expected = (index.disk_size - i * cs).min(cs);
+        let expected = (index.disk_size() - i * cs).min(cs);
         if let Some(d) = self.chunk_delay {
             std::thread::sleep(d);
         }
@@ -224,7 +258,7 @@ impl BlockSource for RepoSource {
 
     fn read(&self, offset: u64, len: u32) -> vmdisk::Result<Vec<Piece>> {
         let index = self.index()?;
-        let cs = u64::from(index.chunk_size);
+        let cs = u64::from(index.chunk_size());
         let end = offset + u64::from(len);
         let mut out: Vec<Piece> = Vec::new();
         let mut pos = offset;
@@ -232,7 +266,7 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let stored = index.get(i).is_some();
+            let stored = self.entry(&index, i)?.is_some();
             if stored {
                 let data = self.chunk(i)?;
                 let from = (pos - i * cs) as usize;
@@ -253,7 +287,7 @@ impl BlockSource for RepoSource {
         // Waits for a lazy index still loading (only right after the start; the server calls
         // this on an async thread, which blocks for the rest of that load).
         let index = self.index()?;
-        let cs = u64::from(index.chunk_size);
+        let cs = u64::from(index.chunk_size());
         let end = offset + u64::from(len);
         let mut out: Vec<(u32, bool)> = Vec::new();
         let mut pos = offset;
@@ -261,7 +295,7 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let zero = index.get(i).is_none();
+            let zero = self.entry(&index, i)?.is_none();
             match out.last_mut() {
                 Some((l, z)) if *z == zero => *l += n,
                 _ => out.push((n, zero)),

@@ -189,8 +189,7 @@ impl Transfer for VmTransfer {
             .await;
             let _ = std::fs::remove_file(&copy);
             let st = st?;
-            let id = common::store_index(&self.repo, &st.index, "the NVRAM index").await?;
-            let size = st.index.disk_size;
+            let (id, size) = (st.index, st.disk_size);
             self.nvram_done = Some((st, id, size));
         }
         Ok(())
@@ -200,7 +199,7 @@ impl Transfer for VmTransfer {
         let mut entries = Vec::new();
         let mut metadata = BTreeMap::new();
         for (p, st) in &self.done {
-            let id = common::store_index(&self.repo, &st.index, "the disk index").await?;
+            let id = st.index;
             let info = self.infos.get(&p.disk.target);
             let cbt = match (&self.new_cp, p.tracked) {
                 (Some(cp), true) => Some(json!({

@@ -131,6 +131,8 @@ pub struct Repository {
 
 mod chunks;
 mod framing;
+mod indexes;
+pub use indexes::{IndexPage, IndexPages, IndexWriter};
 mod keys;
 mod snapshots;
 

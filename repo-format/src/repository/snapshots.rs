@@ -1,73 +1,15 @@
-//! Disk indexes and snapshot manifests: storing, loading, listing and resolving references.
+//! Snapshot manifests: storing, loading, listing and resolving references.
 
 use super::{index_key, snapshot_key, Repository};
 #[cfg(doc)] // for the intra-doc link to `Backend::flush`
 use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
-use crate::id::{IndexId, SnapshotId};
-use crate::index::DiskIndex;
+use crate::id::SnapshotId;
 use crate::magic;
 use crate::manifest::Manifest;
 use crate::object;
 
 impl Repository {
-    /// Every stored index id (keys under `indexes/` that are not index names are skipped).
-    pub fn list_indexes(&self) -> Result<Vec<IndexId>> {
-        let mut ids: Vec<IndexId> = self
-            .backend
-            .list(magic::PREFIX_INDEXES)?
-            .iter()
-            .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse().ok()))
-            .collect();
-        ids.sort_unstable();
-        Ok(ids)
-    }
-
-    /// Seals and stores a disk index; returns its id (storing an existing index is a no-op).
-    pub fn store_index(&self, index: &DiskIndex) -> Result<IndexId> {
-        let plain = index.encode()?;
-        let id = IndexId::from_bytes(object::object_hash(self.keys.as_ref(), &plain));
-        let sealed = object::seal(
-            self.keys.as_ref(),
-            magic::KIND_INDEX,
-            id.as_bytes(),
-            &plain,
-            self.config.zstd_level,
-        )?;
-        self.backend.put_if_absent(&index_key(&id), &sealed)?;
-        Ok(id)
-    }
-
-    /// Loads and verifies the index of a disk of `disk_size` bytes in chunks of `chunk_size`, as
-    /// its manifest entry says: the decompression limit follows that disk's chunk count (the
-    /// index of a fully allocated disk outgrows the limit of other metadata objects), and an
-    /// index of another disk size or chunk size is refused as corrupt.
-    pub fn load_index(&self, id: &IndexId, disk_size: u64, chunk_size: u32) -> Result<DiskIndex> {
-        let key = index_key(id);
-        let limit = DiskIndex::max_encoded_len(chunk_size, disk_size)
-            .map_err(|e| e.wrap(format!("cannot load index {key}")))?
-            .max(magic::MAX_METADATA_OBJECT);
-        let bytes = self.get_object(&key, "index")?;
-        let plain = object::open(
-            self.keys.as_ref(),
-            magic::KIND_INDEX,
-            id.as_bytes(),
-            bytes,
-            limit,
-            &key,
-        )?;
-        let index =
-            DiskIndex::decode(&plain).map_err(|e| e.wrap(format!("object {key} is corrupt")))?;
-        if index.disk_size != disk_size || index.chunk_size != chunk_size {
-            return Err(Error::corrupt(format!(
-                "object {key} is the index of a disk of {} bytes in chunks of {}, where its \
-                 snapshot has {disk_size} bytes in chunks of {chunk_size}",
-                index.disk_size, index.chunk_size
-            )));
-        }
-        Ok(index)
-    }
-
     /// Commits a snapshot by writing its manifest, which must come after every chunk and index
     /// it references. Checks that the disks' indexes exist, makes everything stored so far
     /// durable ([`Backend::flush`]) before writing the manifest, and the manifest durable before

@@ -5,6 +5,7 @@
 mod chunks;
 mod corruption;
 mod delta;
+mod indexes;
 mod keys;
 mod snapshots;
 

@@ -165,7 +165,8 @@ fn resolve_references() {
 
 /// The index of a fully allocated disk with more chunks than fit in the metadata limit of
 /// small objects (64 MiB: ≈ 2 M entries of 33 bytes, ≈ 128 GiB at 64 KiB chunks, ≈ 2 TiB at
-/// 1 MiB) is stored and loaded back: the limit of an index follows its disk's chunk count.
+/// 1 MiB) is stored and loaded back: in pages, and whole as earlier versions stored it (the
+/// limit of a whole index follows its disk's chunk count).
 #[test]
 fn the_index_of_a_large_fully_allocated_disk_loads_back() {
     let (_, repo) = mem_repo(true);
@@ -183,13 +184,19 @@ fn the_index_of_a_large_fully_allocated_disk_loads_back() {
         .unwrap()
         .with_updates(updates)
         .unwrap();
-    assert!(index.encode().unwrap().len() > 64 << 20);
-    let id = repo.store_index(&index).unwrap();
-    let back = repo.load_index(&id, size, CHUNK).unwrap();
-    assert_eq!(back, index);
-    // Loaded as the index of another disk: corrupt, whatever the shape.
-    for (other_size, other_chunk) in [(size - 1, CHUNK), (size, 2 * CHUNK), (size / 2, CHUNK)] {
-        let e = repo.load_index(&id, other_size, other_chunk).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let whole = index.encode().unwrap();
+    assert!(whole.len() > 64 << 20);
+    // Stored in pages (this version), and whole (as earlier versions wrote it).
+    let paged = repo.store_index(&index).unwrap();
+    let whole = repo.store_index_plain(&whole).unwrap();
+    assert_ne!(paged, whole);
+    for id in [paged, whole] {
+        let back = repo.load_index(&id, size, CHUNK).unwrap();
+        assert_eq!(back, index);
+        // Loaded as the index of another disk: corrupt, whatever the shape.
+        for (other_size, other_chunk) in [(size - 1, CHUNK), (size, 2 * CHUNK), (size / 2, CHUNK)] {
+            let e = repo.load_index(&id, other_size, other_chunk).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        }
     }
 }
