@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::*;
-use lifeboat::cli::GlobalOpts;
 use lifeboat::pipeline::serve::RepoSource;
 use serde_json::Value;
 use vmdisk::nbd::{BlockSource, Server, ServerOptions};
@@ -42,17 +41,7 @@ fn served_snapshot_matches_nbdinfo_nbdcopy_and_qemu_img_compare() {
     let b = env.backup(&src, "vm1", "vda");
 
     // Open the repository and the snapshot as instant-restore does.
-    let pw = env.path("pw");
-    std::fs::write(&pw, PASSWORD).unwrap();
-    let global = GlobalOpts {
-        repo: Some(env.repo.to_string_lossy().into_owned()),
-        password_file: Some(pw),
-        key_file: None,
-        json: false,
-        verbose: 0,
-        quiet: true,
-    };
-    let repo = lifeboat::repo::open(&global).unwrap();
+    let repo = env.open_repo();
     let id = repo.resolve(&b.snapshot).unwrap();
     let manifest = repo.load_snapshot(&id).unwrap();
     let entry = manifest.disks.iter().find(|d| d.name == "vda").unwrap();

@@ -10,7 +10,6 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use lifeboat::cli::GlobalOpts;
 use repo_format::IndexPage;
 
 const GIB: u64 = 1 << 30;
@@ -25,7 +24,10 @@ fn restore_and_compare(env: &Env, snapshot: &str, expected: &Path, tag: &str) {
     let q = out.join("vda.qcow2");
     assert_identical(expected, &q);
     assert_qcow2_clean(&q);
-    assert!(!written_natively(&q), "restored through qemu-img convert from Lifeboat's NBD export");
+    assert!(
+        !written_natively(&q),
+        "restored through qemu-img convert from Lifeboat's NBD export"
+    );
     let out_raw = env.path(&format!("out-{tag}-raw"));
     env.restore(snapshot, &out_raw, &["--format", "raw"]);
     assert_identical(expected, &out_raw.join("vda.raw"));
@@ -114,17 +116,7 @@ fn a_disk_of_several_index_pages_backs_up_page_by_page_and_restores() {
 
 /// The file of the object that holds page `k` of disk vda's index in `snapshot`.
 fn page_file(env: &Env, snapshot: &str, k: u64) -> PathBuf {
-    let pw = env.path("pw");
-    std::fs::write(&pw, PASSWORD).unwrap();
-    let global = GlobalOpts {
-        repo: Some(env.repo.to_string_lossy().into_owned()),
-        password_file: Some(pw),
-        key_file: None,
-        json: false,
-        verbose: 0,
-        quiet: true,
-    };
-    let repo = lifeboat::repo::open(&global).unwrap();
+    let repo = env.open_repo();
     let manifest = repo
         .load_snapshot(&repo.resolve(snapshot).unwrap())
         .unwrap();

@@ -200,6 +200,21 @@ impl Env {
         self.json(&a)
     }
 
+    /// The repository, opened as the CLI opens it (this world's passphrase, from a file).
+    pub fn open_repo(&self) -> std::sync::Arc<repo_format::Repository> {
+        let pw = self.path("pw");
+        std::fs::write(&pw, PASSWORD).unwrap();
+        let global = lifeboat::cli::GlobalOpts {
+            repo: Some(self.repo.to_string_lossy().into_owned()),
+            password_file: Some(pw),
+            key_file: None,
+            json: false,
+            verbose: 0,
+            quiet: true,
+        };
+        lifeboat::repo::open(&global).unwrap()
+    }
+
     /// `restore REF --to DIR [extra...]`, asserting success.
     pub fn restore(&self, reference: &str, to: &Path, extra: &[&str]) -> Value {
         let mut a = vec!["restore", reference, "--to", to.to_str().unwrap()];

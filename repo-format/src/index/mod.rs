@@ -279,13 +279,13 @@ impl DiskIndex {
     pub fn encode(&self) -> Result<Vec<u8>> {
         self.validate()?;
         let mut out = Vec::with_capacity(HEADER_LEN + 16);
-        out.extend_from_slice(&magic::INDEX_MAGIC);
-        out.push(magic::INDEX_VERSION);
-        out.extend_from_slice(&[0, 0, 0]);
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out.extend_from_slice(&self.disk_size.to_le_bytes());
+        push_header(
+            &mut out,
+            magic::INDEX_VERSION,
+            self.chunk_size,
+            self.disk_size,
+        );
         let count = self.len();
-        out.extend_from_slice(&count.to_le_bytes());
         out.reserve(self.stored.len() * 33);
         let mut next: u64 = 0; // first entry not yet encoded
         for &(i, id) in &self.stored {
@@ -307,36 +307,8 @@ impl DiskIndex {
     /// versions ([`ErrorKind::UnsupportedVersion`]). Never panics.
     pub fn decode(bytes: &[u8]) -> Result<DiskIndex> {
         let corrupt = |why: &str| Error::corrupt(format!("disk index is malformed: {why}"));
-        let Some((header, mut rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
-            return Err(corrupt("truncated header"));
-        };
-        if header[..4] != magic::INDEX_MAGIC {
-            return Err(corrupt("bad magic"));
-        }
-        if header[4] != magic::INDEX_VERSION {
-            return Err(Error::new(
-                ErrorKind::UnsupportedVersion,
-                format!("disk index version {} is not supported", header[4]),
-            ));
-        }
-        if header[5..8] != [0, 0, 0] {
-            return Err(corrupt("non-zero reserved bytes"));
-        }
-        let chunk_size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        let mut b8 = [0u8; 8];
-        b8.copy_from_slice(&header[12..20]);
-        let disk_size = u64::from_le_bytes(b8);
-        b8.copy_from_slice(&header[20..28]);
-        let count = u64::from_le_bytes(b8);
-        if chunk_size == 0 {
-            return Err(corrupt("chunk size is zero"));
-        }
-        if count != disk_size.div_ceil(u64::from(chunk_size)) {
-            return Err(corrupt("entry count does not match disk and chunk sizes"));
-        }
-        if count > Self::MAX_ENTRIES {
-            return Err(corrupt("too many entries"));
-        }
+        let (chunk_size, disk_size, count, mut rest) =
+            read_header(bytes, magic::INDEX_VERSION, "disk index")?;
         let mut stored: Vec<(u64, ChunkId)> = Vec::new();
         let mut total: u64 = 0;
         while let Some((&tag, after)) = rest.split_first() {
@@ -383,6 +355,58 @@ impl DiskIndex {
         ids.dedup();
         ids
     }
+}
+
+/// The header of a whole index and of a root (FORMAT.md 1.7, 1.7a): magic, `version`, reserved,
+/// chunk size, disk size, entry count.
+fn push_header(out: &mut Vec<u8>, version: u8, chunk_size: u32, disk_size: u64) {
+    out.extend_from_slice(&magic::INDEX_MAGIC);
+    out.push(version);
+    out.extend_from_slice(&[0, 0, 0]);
+    out.extend_from_slice(&chunk_size.to_le_bytes());
+    out.extend_from_slice(&disk_size.to_le_bytes());
+    let count = disk_size.div_ceil(u64::from(chunk_size.max(1)));
+    out.extend_from_slice(&count.to_le_bytes());
+}
+
+/// Reads the header [`push_header`] writes, of `version` (`what` names the object in errors):
+/// (chunk size, disk size, entry count, the bytes after it). Rejects a short header, bad magic,
+/// non-zero reserved bytes, a zero chunk size, an entry count that does not match the sizes or
+/// exceeds [`DiskIndex::MAX_ENTRIES`] ([`ErrorKind::Corrupt`]) and another version
+/// ([`ErrorKind::UnsupportedVersion`]).
+fn read_header<'a>(bytes: &'a [u8], version: u8, what: &str) -> Result<(u32, u64, u64, &'a [u8])> {
+    let corrupt = |why: &str| Error::corrupt(format!("{what} is malformed: {why}"));
+    let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Err(corrupt("truncated header"));
+    };
+    if header[..4] != magic::INDEX_MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    if header[4] != version {
+        return Err(Error::new(
+            ErrorKind::UnsupportedVersion,
+            format!("{what} version {} is not supported", header[4]),
+        ));
+    }
+    if header[5..8] != [0, 0, 0] {
+        return Err(corrupt("non-zero reserved bytes"));
+    }
+    let chunk_size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    let mut b8 = [0u8; 8];
+    b8.copy_from_slice(&header[12..20]);
+    let disk_size = u64::from_le_bytes(b8);
+    b8.copy_from_slice(&header[20..28]);
+    let count = u64::from_le_bytes(b8);
+    if chunk_size == 0 {
+        return Err(corrupt("chunk size is zero"));
+    }
+    if count != disk_size.div_ceil(u64::from(chunk_size)) {
+        return Err(corrupt("entry count does not match disk and chunk sizes"));
+    }
+    if count > DiskIndex::MAX_ENTRIES {
+        return Err(corrupt("too many entries"));
+    }
+    Ok((chunk_size, disk_size, count, rest))
 }
 
 fn push_zero_run(out: &mut Vec<u8>, mut n: u64) {

@@ -1,8 +1,10 @@
 //! The root of a paged disk index: the disk's shape and, per page, the index object that holds
 //! the page's entries. Layout: `FORMAT.md` 1.7a.
 
-use super::{DiskIndex, HEADER_LEN};
-use crate::error::{Error, ErrorKind, Result};
+use super::{push_header, read_header, DiskIndex, HEADER_LEN};
+#[cfg(any(test, doc))]
+use crate::error::ErrorKind;
+use crate::error::{Error, Result};
 use crate::id::IndexId;
 use crate::magic;
 
@@ -91,13 +93,12 @@ impl IndexRoot {
     /// The plaintext encoding (before sealing).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ROOT_HEADER_LEN + self.pages.len() * 33);
-        out.extend_from_slice(&magic::INDEX_MAGIC);
-        out.push(magic::INDEX_ROOT_VERSION);
-        out.extend_from_slice(&[0, 0, 0]);
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out.extend_from_slice(&self.disk_size.to_le_bytes());
-        let entries = self.disk_size.div_ceil(u64::from(self.chunk_size));
-        out.extend_from_slice(&entries.to_le_bytes());
+        push_header(
+            &mut out,
+            magic::INDEX_ROOT_VERSION,
+            self.chunk_size,
+            self.disk_size,
+        );
         // Both fit: page_entries ≤ 2^28, and at most 2^28 / 2^10 pages.
         out.extend_from_slice(&(self.page_entries as u32).to_le_bytes());
         out.extend_from_slice(&(self.pages.len() as u32).to_le_bytes());
@@ -118,36 +119,14 @@ impl IndexRoot {
     /// ([`ErrorKind::UnsupportedVersion`]). Never panics.
     pub fn decode(bytes: &[u8]) -> Result<IndexRoot> {
         let corrupt = |why: &str| Error::corrupt(format!("disk index root is malformed: {why}"));
-        let Some((header, mut rest)) = bytes.split_first_chunk::<ROOT_HEADER_LEN>() else {
+        let (chunk_size, disk_size, _, rest) =
+            read_header(bytes, magic::INDEX_ROOT_VERSION, "disk index root")?;
+        let Some((pages_header, mut rest)) = rest.split_first_chunk::<8>() else {
             return Err(corrupt("truncated header"));
         };
-        if header[..4] != magic::INDEX_MAGIC {
-            return Err(corrupt("bad magic"));
-        }
-        if header[4] != magic::INDEX_ROOT_VERSION {
-            return Err(Error::new(
-                ErrorKind::UnsupportedVersion,
-                format!("disk index root version {} is not supported", header[4]),
-            ));
-        }
-        if header[5..8] != [0, 0, 0] {
-            return Err(corrupt("non-zero reserved bytes"));
-        }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&header[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        let chunk_size = u32_at(8);
-        let disk_size = u64_at(12);
-        let entries = u64_at(20);
-        let page_entries = u64::from(u32_at(28));
-        let page_count = u64::from(u32_at(32));
-        if chunk_size == 0 || entries != disk_size.div_ceil(u64::from(chunk_size)) {
-            return Err(corrupt("entry count does not match disk and chunk sizes"));
-        }
+        let [a, b, c, d, e, f, g, h] = *pages_header;
+        let page_entries = u64::from(u32::from_le_bytes([a, b, c, d]));
+        let page_count = u64::from(u32::from_le_bytes([e, f, g, h]));
         let want = Self::page_count(chunk_size, disk_size, page_entries)
             .map_err(|e| corrupt(&e.to_string()))?;
         if page_count != want {
