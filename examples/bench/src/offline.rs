@@ -1,6 +1,6 @@
 //! The offline measurements of one round (qemu-nbd exports of the mixed image): the NBD read
 //! ceiling, Lifeboat's full and incremental backups, restores and verify, the peers, the CPU
-//! ceilings; and the 1 TiB sparse and four-disks-in-parallel tests.
+//! ceilings; and the 1 TiB sparse, fully allocated and four-disks-in-parallel tests.
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 
 use crate::report::{Best, Report};
-use crate::{cpu, dirty_cmds, proc, qemu_io, rm, sync_file, u64_at, Ctx, MIB};
+use crate::{cpu, dirty_cmds, proc, qemu_io, rm, sync_file, u64_at, workspace_root, Ctx, MIB};
 
 #[allow(clippy::too_many_arguments)]
 pub fn one_round(
@@ -240,6 +240,40 @@ pub fn sparse_test(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// A fully allocated disk of `gib` GiB in 64 KiB chunks, every chunk non-zero, made without
+/// the space by `scripts/bench-allocated-disk.sh` (reflinks of one random MiB on a loop-mounted
+/// XFS): the peak RSS of its full backup and of `verify`, which must not follow the chunk count.
+pub fn allocated_test(ctx: &Ctx, gib: u64, rep: &mut Report) -> Result<()> {
+    let script = workspace_root().join("scripts/bench-allocated-disk.sh");
+    let script = script.to_string_lossy().into_owned();
+    let r = proc::run(
+        &[&script, &gib.to_string(), "64K", &ctx.lifeboat],
+        &[],
+        &ctx.scratch,
+    )?;
+    let out = String::from_utf8_lossy(&r.stdout);
+    let (full, verify) =
+        allocated_results(&out).with_context(|| format!("unexpected output of {script}: {out}"))?;
+    rep.allocated_gib = gib;
+    rep.add("lb.alloc.full", Best::time(full.1, Some(full.0), 0));
+    rep.add("lb.alloc.verify", Best::time(verify.1, Some(verify.0), 0));
+    Ok(())
+}
+
+/// (peak RSS KiB, wall s) of the full backup and of verify, from the lines
+/// `full backup (…): peak RSS N KiB, S s wall, …` and `verify: peak RSS N KiB, S s wall, …` of
+/// `scripts/bench-allocated-disk.sh`.
+fn allocated_results(out: &str) -> Option<((u64, f64), (u64, f64))> {
+    let parse = |prefix: &str| {
+        let line = out.lines().find(|l| l.starts_with(prefix))?;
+        let rest = line.split_once(": peak RSS ")?.1;
+        let (kib, rest) = rest.split_once(" KiB, ")?;
+        let secs = rest.split_once(" s wall")?.0;
+        Some((kib.parse().ok()?, secs.parse().ok()?))
+    };
+    Some((parse("full backup")?, parse("verify:")?))
+}
+
 /// Four full backups of the image at once (four processes, four repositories, the image
 /// exported read-only four times, no change tracking): total wall time and each peak RSS.
 pub fn parallel_test(ctx: &Ctx, image: &Path, rep: &mut Report) -> Result<()> {
@@ -292,4 +326,27 @@ pub fn parallel_test(ctx: &Ctx, image: &Path, rep: &mut Report) -> Result<()> {
         ctx.discard(r);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allocated_results;
+
+    #[test]
+    fn allocated_results_come_from_the_scripts_lines() {
+        let out = "disk: 64G apparent, 65G on the filesystem\n\
+            full backup (64 GiB, 64K chunks): peak RSS 85384 KiB, 88.54 s wall, 29.12 s user, 65.47 s sys\n\
+            verify: peak RSS 84504 KiB, 0.15 s wall, 0.09 s user, 0.04 s sys\n";
+        assert_eq!(
+            allocated_results(out),
+            Some(((85384, 88.54), (84504, 0.15)))
+        );
+        assert_eq!(allocated_results("verify: peak RSS 1 KiB, 1 s wall"), None);
+        assert_eq!(
+            allocated_results(
+                "full backup (x): peak RSS many KiB, 1 s wall\nverify: peak RSS 1 KiB, 1 s wall"
+            ),
+            None
+        );
+    }
 }

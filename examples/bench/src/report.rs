@@ -97,6 +97,8 @@ pub struct Report {
     pub sparse_dirty: u64,
     /// (wall seconds, peak RSS KiB of each process) of the 4-disk run.
     pub parallel: Option<(f64, Vec<u64>)>,
+    /// Size in GiB of the fully allocated disk (0: not measured).
+    pub allocated_gib: u64,
     /// Load averages along the run.
     pub loads: Vec<String>,
     /// The repositories' chunk size, e.g. "1 MiB".
@@ -163,6 +165,7 @@ impl Report {
             verify_bytes: 0,
             sparse_dirty: 0,
             parallel: None,
+            allocated_gib: 0,
             loads: Vec::new(),
             chunk_label: "1 MiB".into(),
             frame_label: Some("64 KiB".into()),
@@ -489,6 +492,24 @@ impl Report {
                 verdict(b.secs < 5.0),
                 mib(b.rss_kib),
                 size_h(b.repo_bytes)
+            );
+        }
+        for (key, what) in [
+            ("lb.alloc.full", "full backup"),
+            ("lb.alloc.verify", "verify"),
+        ] {
+            let Some(b) = self.get(key) else { continue };
+            let gib = self.allocated_gib;
+            let rss_ok = b.rss_kib.is_some_and(|r| r <= 256 * 1024);
+            max_rss = max_rss.max(b.rss_kib.unwrap_or(0));
+            let _ = writeln!(
+                s,
+                "| fully allocated {gib} GiB disk in 64 KiB chunks ({:.1} M chunks, every one stored; scripts/bench-allocated-disk.sh): {what} | {:.2} | {:.0} | | | ≤ 256 MiB | {} | {} | |",
+                gib as f64 / 64.0,
+                b.secs,
+                mb(gib << 30, b.secs),
+                verdict(rss_ok),
+                mib(b.rss_kib),
             );
         }
         if let Some((secs, rss)) = &self.parallel {
