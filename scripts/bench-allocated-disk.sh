@@ -43,7 +43,10 @@ export LIFEBOAT_REPO="$work/repo" LIFEBOAT_PASSWORD=bench
 "$lifeboat" repo init --chunk-size "$chunk" --quiet
 run() {
     local what=$1; shift
-    /usr/bin/time -f "$what: peak RSS %M KiB, %e s wall, %U s user, %S s sys" "$lifeboat" --quiet "$@"
+    # The measurement goes to standard output (GNU time writes to stderr unless -o).
+    /usr/bin/time -o "$work/time.txt" -f "$what: peak RSS %M KiB, %e s wall, %U s user, %S s sys" \
+        "$lifeboat" --quiet "$@"
+    cat "$work/time.txt"
 }
 run "full backup (${size_gib} GiB, ${chunk} chunks)" backup-image "$work/mnt/disk.raw" --name alloc --disk vda
 run "verify" verify
