@@ -17,8 +17,7 @@
 //!
 //! **Pages**: the pages of a paged index are loaded when a request first touches them and the
 //! last [`PAGE_CACHE`] of them are kept, so memory does not follow the disk's size. A page that
-//! fails to load fails the request (counted in the failures). A block-status request that misses
-//! the cache loads the page on the server's async thread (one object of at most 2.1 MiB).
+//! fails to load fails the request (counted in the failures).
 //!
 //! **Test hook**: `LIFEBOAT_TEST_SERVE_CHUNK_DELAY_MS=N` makes every chunk load of a
 //! `RepoSource` (i.e. only what the NBD server reads from the repository, not backup/restore)
@@ -284,8 +283,8 @@ impl BlockSource for RepoSource {
     }
 
     fn extents(&self, offset: u64, len: u32) -> vmdisk::Result<Vec<(u32, bool)>> {
-        // Waits for a lazy index still loading (only right after the start; the server calls
-        // this on an async thread, which blocks for the rest of that load).
+        // Waits for a lazy index still loading (only right after the start), and may load a
+        // page of the index (the server calls this on its blocking pool).
         let index = self.index()?;
         let cs = u64::from(index.chunk_size());
         let end = offset + u64::from(len);

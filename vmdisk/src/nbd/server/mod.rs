@@ -73,7 +73,8 @@ pub trait BlockSource: Send + Sync + 'static {
     fn read(&self, offset: u64, len: u32) -> Result<Vec<Piece>>;
 
     /// Allocation of `[offset, offset + len)` from `offset` on: consecutive (length, is_zero)
-    /// runs; may stop early (the client asks again) but must describe at least one byte.
+    /// runs; may stop early (the client asks again) but must describe at least one byte. Called
+    /// on the blocking thread pool, like [`BlockSource::read`]: it may block.
     fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u32, bool)>>;
 
     /// Preferred I/O size (advertised in `INFO_BLOCK_SIZE`), a power of two.

@@ -166,9 +166,14 @@ async fn answer(s: &Session, req: Request) -> Vec<Bytes> {
             if !in_range(size, req.offset, req.length) {
                 return error_reply(s, cookie, EINVAL, "range outside the export");
             }
-            let ext = match s.source.extents(req.offset, req.length) {
-                Ok(e) => e,
-                Err(e) => return error_reply(s, cookie, EIO, &e.to_string()),
+            // A source may block to answer (a repository loads index pages): off the async
+            // threads, like reads.
+            let src = s.source.clone();
+            let (off, len) = (req.offset, req.length);
+            let ext = match tokio::task::spawn_blocking(move || src.extents(off, len)).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => return error_reply(s, cookie, EIO, &e.to_string()),
+                Err(_) => return error_reply(s, cookie, EIO, "block-status worker failed"),
             };
             let mut descriptors: Vec<Descriptor> = ext
                 .into_iter()
