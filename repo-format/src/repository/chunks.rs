@@ -269,4 +269,22 @@ impl Repository {
         ids.sort_unstable();
         Ok(ids)
     }
+
+    /// The stored chunks whose id starts with a byte in `first` (one listing per byte: a part
+    /// of a large repository at a time), sorted.
+    pub fn list_chunks_in(&self, first: std::ops::RangeInclusive<u8>) -> Result<Vec<ChunkId>> {
+        let mut ids: Vec<ChunkId> = Vec::new();
+        for b in first {
+            let prefix = format!("{}{b:02x}/", magic::PREFIX_CHUNKS);
+            ids.extend(
+                self.backend
+                    .list(&prefix)?
+                    .iter()
+                    .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse::<ChunkId>().ok()))
+                    .filter(|id| id.as_bytes()[0] == b),
+            );
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
 }
