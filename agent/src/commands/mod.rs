@@ -84,3 +84,30 @@ pub fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
+
+/// A disk entry for unit tests: disk `name` in `format`, of `virtual_size` bytes in chunks of
+/// `chunk_size`, whose index is `index`; a full backup with nothing else recorded.
+#[cfg(test)]
+pub(crate) fn test_disk_entry(
+    name: &str,
+    format: &str,
+    index: repo_format::IndexId,
+    virtual_size: u64,
+    chunk_size: u32,
+) -> repo_format::DiskEntry {
+    repo_format::DiskEntry {
+        name: name.into(),
+        virtual_size,
+        format: format.into(),
+        chunk_size,
+        index,
+        source: None,
+        qemu_img_info: None,
+        create_options: Default::default(),
+        backup_mode: repo_format::BackupMode::Full,
+        bytes_read: 0,
+        bytes_new: 0,
+        chunks_new: 0,
+        cbt: None,
+    }
+}

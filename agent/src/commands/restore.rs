@@ -555,24 +555,10 @@ async fn prepare_define(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use repo_format::{BackupMode, IndexId, SnapshotKind};
+    use repo_format::{IndexId, SnapshotKind};
 
     fn entry(name: &str, format: &str) -> DiskEntry {
-        DiskEntry {
-            name: name.into(),
-            virtual_size: 1 << 20,
-            format: format.into(),
-            chunk_size: 1 << 20,
-            index: IndexId::from_bytes([1; 32]),
-            source: None,
-            qemu_img_info: None,
-            create_options: Default::default(),
-            backup_mode: BackupMode::Full,
-            bytes_read: 0,
-            bytes_new: 0,
-            chunks_new: 0,
-            cbt: None,
-        }
+        super::super::test_disk_entry(name, format, IndexId::from_bytes([1; 32]), 1 << 20, 1 << 20)
     }
 
     #[test]

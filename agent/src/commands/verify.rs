@@ -469,7 +469,7 @@ pub async fn run(global: &GlobalOpts, args: VerifyArgs) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use repo_format::{BackupMode, Encryption, InitOptions, MemoryBackend};
+    use repo_format::{Encryption, InitOptions, MemoryBackend};
 
     #[test]
     fn the_passes_cover_every_first_byte_once() {
@@ -490,21 +490,7 @@ mod tests {
     }
 
     fn disk(index: IndexId, size: u64, chunk_size: u32) -> DiskEntry {
-        DiskEntry {
-            name: "vda".into(),
-            virtual_size: size,
-            format: "raw".into(),
-            chunk_size,
-            index,
-            source: None,
-            qemu_img_info: None,
-            create_options: Default::default(),
-            backup_mode: BackupMode::Full,
-            bytes_read: 0,
-            bytes_new: 0,
-            chunks_new: 0,
-            cbt: None,
-        }
+        super::super::test_disk_entry("vda", "raw", index, size, chunk_size)
     }
 
     /// Verifying in 1, 4 or 16 passes over the id space finds the same chunks, the same missing
