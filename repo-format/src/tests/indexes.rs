@@ -258,3 +258,67 @@ fn pages_that_do_not_fit_their_root_are_corrupt() {
         ErrorKind::Corrupt
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+    /// Whatever the base (none, whole as earlier versions wrote it, or paged) and however the
+    /// updates fall across pages, the writer's index is the base with the updates merged, and
+    /// the same updates give the same index id.
+    #[test]
+    fn the_writer_is_one_merge_of_the_updates(
+        small in proptest::prelude::any::<bool>(),
+        extra in 0u64..2 * PAGE_ENTRIES,
+        base_kind in 0u8..3,
+        base_updates in proptest::collection::vec((proptest::prelude::any::<u64>(), proptest::option::of(1u64..1000)), 0..40),
+        updates in proptest::collection::vec((proptest::prelude::any::<u64>(), proptest::option::of(1u64..1000)), 0..40),
+        peek in proptest::prelude::any::<bool>(),
+    ) {
+        let (_, repo) = mem_repo(false);
+        let entries = if small { 1 + extra % 1000 } else { PAGE_ENTRIES + extra };
+        let size = entries * 512 - 7;
+        let to_ids = |ups: &[(u64, Option<u64>)]| -> Vec<(u64, Option<ChunkId>)> {
+            ups.iter().map(|&(i, e)| (i % entries, e.map(cid))).collect()
+        };
+        let base = DiskIndex::new_sparse(512, size)
+            .unwrap()
+            .with_updates(to_ids(&base_updates))
+            .unwrap();
+        let base_pages = match base_kind {
+            0 => None,
+            1 => {
+                let id = repo.store_index_plain(&base.encode().unwrap()).unwrap();
+                Some(Arc::new(repo.open_index(&id, size, 512).unwrap()))
+            }
+            _ => {
+                let id = repo.store_index(&base).unwrap();
+                Some(Arc::new(repo.open_index(&id, size, 512).unwrap()))
+            }
+        };
+        let start = if base_pages.is_some() { base.clone() } else { DiskIndex::new_sparse(512, size).unwrap() };
+        let ups = to_ids(&updates);
+        let write = |ups: &[(u64, Option<ChunkId>)]| {
+            let mut w = repo.index_writer(512, size, base_pages.clone()).unwrap();
+            for k in 0..w.page_count() {
+                let (first, count) = w.page_span(k);
+                let page: Vec<_> =
+                    ups.iter().copied().filter(|(i, _)| (first..first + count).contains(i)).collect();
+                if page.is_empty() && k % 2 == 1 {
+                    break; // the rest is left to finish
+                }
+                if peek {
+                    let b = w.base_page(&repo).unwrap();
+                    proptest::prop_assert_eq!(&*b, &start.slice(first, count).unwrap());
+                }
+                w.write_page(&repo, page).unwrap();
+            }
+            Ok(w.finish(&repo).unwrap())
+        };
+        let id = write(&ups)?;
+        proptest::prop_assert_eq!(
+            repo.load_index(&id, size, 512).unwrap(),
+            start.with_updates(ups.clone()).unwrap()
+        );
+        proptest::prop_assert_eq!(write(&ups)?, id);
+    }
+}
