@@ -29,10 +29,11 @@ use lifeboat_e2e::{
     SYSTEM_URI, VM_ROOT,
 };
 
+use crate::dirty::{dirty_offsets, DIRTY_PIECE};
 use crate::diskstats;
 use crate::proc::{self, Timed};
 use crate::report::{Best, LiveFacts, Report};
-use crate::{dirty_offsets, rm, u64_at, Ctx, DIRTY_PIECE, MIB};
+use crate::{rm, u64_at, Ctx, MIB};
 
 /// How long a guest may take from `virsh start` to a responding agent (TCG on a loaded host).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::dirty::{dirty_cmds, qemu_io};
 use crate::report::{Best, Report};
-use crate::{cpu, dirty_cmds, proc, qemu_io, rm, sync_file, u64_at, workspace_root, Ctx, MIB};
+use crate::{cpu, proc, rm, sync_file, u64_at, workspace_root, Ctx, MIB};
 
 #[allow(clippy::too_many_arguments)]
 pub fn one_round(
