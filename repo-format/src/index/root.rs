@@ -70,6 +70,13 @@ impl IndexRoot {
         Ok(entries.div_ceil(page_entries))
     }
 
+    /// Page `k` of an index of `entries` entries in pages of `page_entries`: (first entry,
+    /// number of entries); the last page may be short, a page beyond the last is empty.
+    pub fn page_span(entries: u64, page_entries: u64, k: u64) -> (u64, u64) {
+        let first = k.saturating_mul(page_entries).min(entries);
+        (first, page_entries.min(entries - first))
+    }
+
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u32 {
         self.chunk_size

@@ -260,14 +260,7 @@ impl Repository {
 
     /// Every stored chunk id (keys under `chunks/` that are not chunk names are skipped).
     pub fn list_chunks(&self) -> Result<Vec<ChunkId>> {
-        let mut ids: Vec<ChunkId> = self
-            .backend
-            .list(magic::PREFIX_CHUNKS)?
-            .iter()
-            .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse().ok()))
-            .collect();
-        ids.sort_unstable();
-        Ok(ids)
+        self.list_ids(magic::PREFIX_CHUNKS)
     }
 
     /// The stored chunks whose id starts with a byte in `first` (one listing per byte: a part
@@ -275,16 +268,9 @@ impl Repository {
     pub fn list_chunks_in(&self, first: std::ops::RangeInclusive<u8>) -> Result<Vec<ChunkId>> {
         let mut ids: Vec<ChunkId> = Vec::new();
         for b in first {
-            let prefix = format!("{}{b:02x}/", magic::PREFIX_CHUNKS);
-            ids.extend(
-                self.backend
-                    .list(&prefix)?
-                    .iter()
-                    .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse::<ChunkId>().ok()))
-                    .filter(|id| id.as_bytes()[0] == b),
-            );
+            let part: Vec<ChunkId> = self.list_ids(&format!("{}{b:02x}/", magic::PREFIX_CHUNKS))?;
+            ids.extend(part.into_iter().filter(|id| id.as_bytes()[0] == b));
         }
-        ids.sort_unstable();
         Ok(ids)
     }
 }

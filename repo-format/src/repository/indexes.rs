@@ -79,9 +79,7 @@ impl IndexPages {
 
     /// Page `k`'s entries: (first entry, number of entries).
     pub fn page_span(&self, k: u64) -> (u64, u64) {
-        let p = self.page_entries();
-        let first = k.saturating_mul(p).min(self.len());
-        (first, p.min(self.len() - first))
+        IndexRoot::page_span(self.len(), self.page_entries(), k)
     }
 
     /// What holds page `k` (`None` beyond the last page).
@@ -100,14 +98,7 @@ impl Repository {
     /// Every stored index id, pages included (keys under `indexes/` that are not index names are
     /// skipped).
     pub fn list_indexes(&self) -> Result<Vec<IndexId>> {
-        let mut ids: Vec<IndexId> = self
-            .backend
-            .list(magic::PREFIX_INDEXES)?
-            .iter()
-            .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse().ok()))
-            .collect();
-        ids.sort_unstable();
-        Ok(ids)
+        self.list_ids(magic::PREFIX_INDEXES)
     }
 
     /// Seals and stores a disk index; returns its id (storing an existing index is a no-op).
@@ -125,8 +116,8 @@ impl Repository {
         let count = IndexRoot::page_count(index.chunk_size, index.disk_size, page_entries)?;
         let mut pages = Vec::new();
         for k in 0..count {
-            let first = k * page_entries;
-            let page = index.slice(first, page_entries.min(index.len() - first))?;
+            let (first, n) = IndexRoot::page_span(index.len(), page_entries, k);
+            let page = index.slice(first, n)?;
             pages.push(self.store_index_page(&page)?);
         }
         let root = IndexRoot::new(index.chunk_size, index.disk_size, page_entries, pages)?;
@@ -358,8 +349,7 @@ impl IndexWriter {
     /// Page `k`'s entries: (first entry, number of entries).
     pub fn page_span(&self, k: u64) -> (u64, u64) {
         let len = self.disk_size.div_ceil(u64::from(self.chunk_size));
-        let first = k.saturating_mul(PAGE_ENTRIES).min(len);
-        (first, PAGE_ENTRIES.min(len - first))
+        IndexRoot::page_span(len, PAGE_ENTRIES, k)
     }
 
     /// The base's entries of the next page (all zero without a base), numbered from the page's

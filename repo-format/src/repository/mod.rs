@@ -201,6 +201,19 @@ impl Repository {
         self.get_object(key, what)
     }
 
+    /// The ids named by the keys under `prefix` (the last path component; keys that are not
+    /// ids are skipped), sorted.
+    fn list_ids<T: std::str::FromStr + Ord>(&self, prefix: &str) -> Result<Vec<T>> {
+        let mut ids: Vec<T> = self
+            .backend
+            .list(prefix)?
+            .iter()
+            .filter_map(|k| k.rsplit('/').next().and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     fn get_object(&self, key: &str, what: &str) -> Result<Vec<u8>> {
         self.backend
             .get(key)
