@@ -211,15 +211,12 @@ impl RepoSource {
         (self.failures.load(Ordering::Relaxed), last)
     }
 
-    fn chunk(&self, i: u64) -> vmdisk::Result<Bytes> {
+    /// The data of entry `i` of the disk, chunk `id` of `index` (cached).
+    fn chunk(&self, index: &IndexPages, i: u64, id: ChunkId) -> vmdisk::Result<Bytes> {
         if let Some(b) = self.cache.lock().ok().and_then(|mut c| c.get(i)) {
             return Ok(b);
         }
-        let index = self.index()?;
         let cs = u64::from(index.chunk_size());
-        let id = self
-            .entry(&index, i)?
-            .ok_or_else(|| vmdisk::Error::new(vmdisk::ErrorKind::InvalidArgument, "no chunk"))?;
         let expected = (index.disk_size() - i * cs).min(cs);
         if let Some(d) = self.chunk_delay {
             std::thread::sleep(d);
@@ -265,9 +262,8 @@ impl BlockSource for RepoSource {
             let i = pos / cs;
             let chunk_end = ((i + 1) * cs).min(end);
             let n = (chunk_end - pos) as u32;
-            let stored = self.entry(&index, i)?.is_some();
-            if stored {
-                let data = self.chunk(i)?;
+            if let Some(id) = self.entry(&index, i)? {
+                let data = self.chunk(&index, i, id)?;
                 let from = (pos - i * cs) as usize;
                 let slice = data.slice(from..from + n as usize);
                 out.push(Piece::Data(slice));
