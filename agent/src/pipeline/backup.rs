@@ -160,8 +160,8 @@ pub async fn backup_disk(
         })?;
         allocated_bytes += data.total_len();
         // Which chunks to read: the allocated ones, or in an incremental the dirty ones.
-        let (to_visit, dirty) = match context {
-            None => (data.clone(), None),
+        let dirty = match context {
+            None => None,
             Some(context) => {
                 let dirty = map_ranges(first, context, extent::dirty_ranges, window, MAP_WINDOW)
                     .await
@@ -169,9 +169,11 @@ pub async fn backup_disk(
                         format!("cannot read the dirty bitmap '{context}' of the disk export")
                     })?;
                 *dirty_bytes.get_or_insert(0) += dirty.total_len();
-                (dirty.clone(), Some(dirty))
+                Some(dirty)
             }
         };
+        let data = Arc::new(data);
+        let to_visit = dirty.as_ref().unwrap_or(&data);
         let mut updates = Vec::new();
         if !to_visit.is_empty() {
             // The parent's entries of this page (all zero in a full backup).
@@ -190,8 +192,8 @@ pub async fn backup_disk(
                 size,
                 first_entry,
                 base: &base,
-                data: Arc::new(data),
-                to_visit: &to_visit,
+                data: data.clone(),
+                to_visit,
                 dirty: dirty.as_ref(),
                 counters: &counters,
             };
